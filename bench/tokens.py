@@ -1,0 +1,257 @@
+"""Shared machinery for block-level token reduction on any timm VisionTransformer.
+
+`TokenReducedViT` wraps a timm `VisionTransformer` without forking or mutating it: it reuses the
+model's own modules and runs each block as a `ReducibleBlock`, which computes attention itself (fused
+`scaled_dot_product_attention`, with optional size bias and padding mask) and hands the result to a
+`TokenReducer`. The reducer either runs after attention and its residual, before the MLP (EViT, top-k,
+random, ATS, ToMe), or before the block (DynamicViT). Token bookkeeping shared by all methods lives
+in `TokenState`: per-token sizes for merging, a validity mask for per-image token counts, and the map
+from current tokens back to the input patches for visualisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.ledger import BlockCost, active_ledger, embed_macs, linear_macs_per_token, norm_macs_per_token
+from bench.registry import BenchError
+
+
+@dataclass
+class TokenState:
+    """What the blocks of one forward pass share about the current tokens.
+
+    `size` [B, N, 1]: how many input patches each token stands for (None: all ones).
+    `mask` [B, N] bool: which tokens are real when images keep different numbers (None: all real).
+    `source` [B, N, P]: which input patches each token stands for, kept only when `trace` is set.
+    """
+
+    prefix: int
+    size: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    trace: bool = False
+    stages: list = field(default_factory=list)  # traced `source` maps after each reduction
+
+    def valid_counts(self, x: torch.Tensor):
+        """Tokens per image: an int when all images keep the same number, else a [B] tensor."""
+        return x.shape[1] if self.mask is None else self.mask.sum(1)
+
+
+@dataclass
+class AttentionInfo:
+    """What a reducer may ask the attention of its block to return."""
+
+    cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token)
+    keys: torch.Tensor | None = None  # [B, H, N, d]
+    values: torch.Tensor | None = None  # [B, H, N, d]
+    logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
+
+
+class TokenReducer(nn.Module):
+    """Base class of a per-block reducer. Subclasses set `needs` and implement `forward`.
+
+    `needs` names the `AttentionInfo` fields to compute. `before_block` reducers run on the block
+    input and get no attention info. `forward(x, state, info)` returns the reduced tokens and updates
+    `state` (size, mask, source) to match.
+    """
+
+    needs: frozenset = frozenset()
+    before_block: bool = False
+
+    def forward(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention bias from token state: log(size) on keys (proportional attention), -inf on padding."""
+    bias = None
+    if state.size is not None:
+        bias = state.size.log()[:, None, None, :, 0].to(dtype)
+    if state.mask is not None:
+        pad = torch.zeros(state.mask.shape, dtype=dtype, device=state.mask.device)
+        pad = pad.masked_fill(~state.mask, float("-inf"))[:, None, None, :]
+        bias = pad if bias is None else bias + pad
+    return bias
+
+
+def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset):
+    """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    info = AttentionInfo()
+    if attn.fused_attn and "logits" not in needs:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if "cls_attn" in needs:
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            info.cls_attn = logits.softmax(dim=-1)[:, :, 0]
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        weights = attn.attn_drop(logits.softmax(dim=-1))
+        out = weights @ v
+        info.cls_attn = weights[:, :, 0] if "cls_attn" in needs else None
+        info.logits = logits if "logits" in needs else None
+    if "keys" in needs:
+        info.keys = k
+    if "values" in needs:
+        info.values = v
+    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out)), info
+
+
+class ReducibleBlock(nn.Module):
+    """A timm `Block` run with token state, an optional reducer and ledger bookkeeping."""
+
+    def __init__(self, block: nn.Module, reducer: TokenReducer | None = None):
+        super().__init__()
+        self.block = block
+        self.reducer = reducer
+        self.cost = BlockCost.of(block)
+
+    def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        blk, reducer = self.block, self.reducer
+        if reducer is not None and reducer.before_block:
+            x = reducer(x, state, AttentionInfo())
+        n_attn = state.valid_counts(x)
+        needs = frozenset() if reducer is None or reducer.before_block else reducer.needs
+        bias = attention_bias(state, x.dtype)
+        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs)
+        x = x + blk.drop_path1(blk.ls1(attn_out))
+        if reducer is not None and not reducer.before_block:
+            x = reducer(x, state, info)
+        ledger = active_ledger()
+        if ledger is not None:
+            ledger.add_block(self.cost, n_attn, state.valid_counts(x))
+            if "cls_attn" in needs and blk.attn.fused_attn:  # the extra q_cls K^T row
+                ledger.add(blk.attn.attn_dim * n_attn)
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if state.mask is not None:
+            x = x * state.mask[..., None]
+        return x
+
+
+def check_vit(model: nn.Module) -> None:
+    """Raise a clear error unless `model` is a timm VisionTransformer made of standard blocks."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise BenchError(f"{type(model).__name__} is not a timm VisionTransformer; token reduction needs one")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise BenchError(
+                f"block {i} of this model is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                "tokenbench supports timm's standard Block with Attention")
+    if model.attn_pool is not None:
+        raise BenchError("attention-pool heads are not supported; use a class-token or average-pool ViT")
+
+
+class TokenReducedViT(nn.Module):
+    """A timm ViT with a reducer on some of its blocks; shares the wrapped model's weights.
+
+    `reducers` maps block index to reducer. With no reducers the output equals the wrapped model's
+    exactly (same kernels in the same order), which the conformance tests check for every method.
+    """
+
+    def __init__(self, vit: nn.Module, reducers: dict[int, TokenReducer] | None = None, trace: bool = False):
+        super().__init__()
+        check_vit(vit)
+        reducers = reducers or {}
+        depth = len(vit.blocks)
+        for i in reducers:
+            if not 0 <= i < depth:
+                raise BenchError(f"reduction at block {i}, but the model has {depth} blocks")
+        self.vit = vit
+        self.blocks = nn.ModuleList(ReducibleBlock(b, reducers.get(i)) for i, b in enumerate(vit.blocks))
+        self.trace = trace
+        self.last_state: TokenState | None = None
+        self._embed_macs = embed_macs(vit.patch_embed)
+        self._final_norm = norm_macs_per_token(vit.norm)
+        self._head_macs = linear_macs_per_token(vit.head) + norm_macs_per_token(vit.fc_norm)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        state = TokenState(prefix=vit.num_prefix_tokens, trace=self.trace)
+        if self.trace:
+            patches = x.shape[1] - state.prefix
+            eye = torch.eye(patches, device=x.device)
+            state.source = torch.cat([x.new_zeros(state.prefix, patches), eye]).expand(x.shape[0], -1, -1)
+        for blk in self.blocks:
+            x = blk(x, state)
+        x = vit.norm(x)
+        ledger = active_ledger()
+        if ledger is not None:
+            ledger.add(self._embed_macs + self._head_macs, 0)
+            n = state.valid_counts(x)
+            ledger.add(self._final_norm * n, self._final_norm * n)
+        if self.trace:
+            self.last_state = state
+        x = pool(vit, x, state)
+        return vit.head(vit.head_drop(vit.fc_norm(x)))
+
+
+def pool(vit: nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """The model's own pooling, made size- and mask-aware for average pooling."""
+    if vit.global_pool == "token" or (state.size is None and state.mask is None):
+        return vit.pool(x)
+    if vit.global_pool != "avg":
+        raise BenchError(f"pooling {vit.global_pool!r} is not supported with token reduction")
+    start = 0 if vit.pool_include_prefix else state.prefix
+    weight = torch.ones_like(x[..., :1]) if state.size is None else state.size.to(x.dtype)
+    if state.mask is not None:
+        weight = weight * state.mask[..., None]
+    weight = weight[:, start:]
+    return (x[:, start:] * weight).sum(1) / weight.sum(1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, i]] for [B, N, C] tokens and [B, K] indices."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor) -> torch.Tensor:
+    """Keep the prefix tokens and the patch tokens at `keep` ([B, K] indices among the non-prefix tokens).
+
+    Updates size, mask and source of `state` to follow the kept tokens.
+    """
+    p = state.prefix
+    index = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], p), keep + p], dim=1)
+    if state.size is not None:
+        state.size = gather_tokens(state.size, index)
+    if state.mask is not None:
+        state.mask = state.mask.gather(1, index)
+    if state.source is not None:
+        state.source = gather_tokens(state.source, index)
+        state.stages.append(state.source)
+    return gather_tokens(x, index)
+
+
+def keep_count(keep_rate: float, n: int) -> int:
+    """EViT's rule: ceil(keep_rate * n) of the n current patch tokens (n includes an earlier fused token)."""
+    return min(n, math.ceil(keep_rate * n))
+
+
+def default_reduction_blocks(depth: int) -> tuple[int, ...]:
+    """The papers' stages: blocks 3, 6, 9 of a 12-block model (every quarter of the depth, 0-indexed)."""
+    step = depth // 4
+    return (step, 2 * step, 3 * step) if step else ()

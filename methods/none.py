@@ -1,0 +1,14 @@
+"""The dense model: every token through every block. The reference every method is compared with."""
+
+from bench.registry import Method, register_method
+from bench.tokens import TokenReducedViT
+
+
+@register_method
+class Dense(Method):
+    name = "none"
+    family = "none"
+    summary = "dense model, no reduction"
+
+    def build(self, model, **knobs):
+        return TokenReducedViT(model)

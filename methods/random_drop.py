@@ -1,0 +1,39 @@
+"""Random drop: the top-k schedule, but the kept patch tokens are drawn uniformly at random per image.
+
+The baseline of the DynamicViT paper's ablation, placed as in EViT (after attention in blocks 3, 6, 9)
+so that it differs from `topk` only in which tokens survive. Seeded: the same seed gives the same tokens.
+"""
+
+import torch
+
+from bench.registry import Knob, Method, keep_rate_knob, register_method
+from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count, keep_tokens
+
+
+class RandomReducer(TokenReducer):
+    def __init__(self, keep_rate: float, generator: torch.Generator):
+        super().__init__()
+        self.keep_rate = keep_rate
+        self.generator = generator
+
+    def forward(self, x, state, info):
+        n = x.shape[1] - state.prefix
+        k = keep_count(self.keep_rate, n)
+        if k == n:
+            return x
+        noise = torch.rand(x.shape[0], n, generator=self.generator).to(x.device)
+        return keep_tokens(x, state, noise.topk(k, dim=1).indices)
+
+
+@register_method
+class RandomDrop(Method):
+    name = "random"
+    family = "prune"
+    knobs = (keep_rate_knob(), Knob("seed", (0,), noop=0, kind=int, low=0, low_inclusive=True,
+                                    help="seed of the random token choice"))
+    summary = "keep random tokens at blocks 3/6/9 (seeded)"
+
+    def build(self, model, keep=1.0, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        return TokenReducedViT(model, {i: RandomReducer(keep, generator) for i in blocks})
