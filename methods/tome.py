@@ -1,0 +1,86 @@
+"""ToMe: merge r similar tokens in every block by bipartite soft matching, no training needed.
+
+After attention (and its residual) in each block, tokens are split alternately into sets A and B; each
+A token finds its most similar B token (cosine similarity of this block's keys averaged over heads),
+and the r best-matched A tokens are merged into their B partners. A merged token is the size-weighted
+average of what it absorbed and its size is the sum, so it keeps standing for all its patches; later
+blocks give it proportionally more attention by adding log(size) to its attention logits. Prefix
+tokens (class, distillation, registers) are never merged and stay first; r is capped at half of the
+other tokens. r is constant per block, or with `inflect` a linear ramp (inflect = -1: ToMe's
+"decreasing" schedule, 2r down to 0). DeiT-S at r = 13 runs 197, 184, ..., 54 tokens.
+Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (official code: facebookresearch/ToMe).
+"""
+
+import torch
+
+from bench.ledger import active_ledger
+from bench.registry import Knob, Method, register_method
+from bench.tokens import TokenReducedViT, TokenReducer, gather_tokens
+
+
+def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:
+    """Tokens to merge in each block: r everywhere, or a ramp from int(r(1 - inflect)) to 2r minus that."""
+    first = int(r * (1 - inflect))
+    last = 2 * r - first
+    step = (last - first) / max(depth - 1, 1)
+    return [int(first + step * i) for i in range(depth)]
+
+
+class BipartiteMergeReducer(TokenReducer):
+    needs = frozenset({"keys"})
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x, state, info):
+        p = state.prefix
+        r = min(self.r, (x.shape[1] - p) // 2)
+        if r <= 0:
+            return x
+        # A: even positions, B: odd positions (as in ToMe); prefix tokens belong to neither.
+        a_start, b_start = p + p % 2, p + 1 - p % 2
+        metric = info.keys.mean(dim=1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, a_start::2], metric[:, b_start::2]
+        similarity = a @ b.transpose(1, 2)  # [B, |A|, |B|]
+        ledger = active_ledger()
+        if ledger is not None:
+            ledger.add(a.shape[1] * b.shape[1] * a.shape[2])
+        best, partner = similarity.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        merged, unmerged = order[:, :r], order[:, r:]
+        if p:  # ToMe keeps the A tokens in their order when there is a class token
+            unmerged = unmerged.sort(dim=1).values
+        destination = partner.gather(1, merged)
+
+        def merge(t):  # sum merged A rows into their B partners; [prefix, unmerged A, B]
+            t_a, t_b = t[:, a_start::2], t[:, b_start::2]
+            index = destination[..., None].expand(-1, -1, t.shape[-1])
+            t_b = t_b.scatter_add(1, index, gather_tokens(t_a, merged))
+            return torch.cat([t[:, :p], gather_tokens(t_a, unmerged), t_b], dim=1)
+
+        size = torch.ones_like(x[..., :1]) if state.size is None else state.size
+        weighted = merge(torch.cat([x * size, size], dim=-1))
+        state.size = weighted[..., -1:]
+        if state.source is not None:
+            state.source = merge(state.source)
+            state.stages.append(state.source)
+        return weighted[..., :-1] / state.size
+
+
+@register_method
+class ToMe(Method):
+    name = "tome"
+    family = "merge"
+    knobs = (
+        Knob("r", (4, 8, 13, 16), noop=0, kind=int, low=0, low_inclusive=True,
+             help="tokens merged per block (ToMe)"),
+        Knob("inflect", (0.0,), noop=0.0, kind=float, low=-1.0, high=1.0, low_inclusive=True,
+             help="ToMe's r schedule: 0 constant, -1 decreasing from 2r to 0, 1 increasing"),
+    )
+    summary = "merge r similar tokens per block by bipartite matching, proportional attention"
+
+    def build(self, model, r=0, inflect=0.0):
+        schedule = merge_schedule(r, inflect, len(model.blocks))
+        return TokenReducedViT(model, {i: BipartiteMergeReducer(n) for i, n in enumerate(schedule) if n > 0})
