@@ -53,29 +53,35 @@ def linear_macs_per_token(module: nn.Module) -> int:
 class BlockCost:
     """MACs of one transformer block as a function of the tokens that enter attention and the MLP."""
 
-    attn_linear: int  # per attention token: qkv, proj (and a gate, if any)
-    attn_norm: int  # per attention token: norm1, q/k norms, attention-output norm
+    attn_linear: int  # per attention token: qkv
+    attn_norm: int  # per attention token: norm1, q/k norms
     attn_pair: int  # per (query, key) pair: QK^T and AV over all heads
+    out_linear: int  # per query token: proj (and a gate, if any)
+    out_norm: int  # per query token: attention-output norm
     mlp_linear: int  # per MLP token
     mlp_norm: int  # per MLP token: norm2 (and an MLP norm, if any)
 
     @classmethod
     def of(cls, block: nn.Module) -> "BlockCost":
         attn = block.attn
+        qkv = linear_macs_per_token(attn.qkv)
+        out_norm = norm_macs_per_token(attn.norm)
         return cls(
-            attn_linear=linear_macs_per_token(attn),
-            attn_norm=norm_macs_per_token(block.norm1) + norm_macs_per_token(attn),
+            attn_linear=qkv,
+            attn_norm=norm_macs_per_token(block.norm1) + norm_macs_per_token(attn) - out_norm,
             attn_pair=2 * attn.num_heads * attn.head_dim,
+            out_linear=linear_macs_per_token(attn) - qkv,
+            out_norm=out_norm,
             mlp_linear=linear_macs_per_token(block.mlp),
             mlp_norm=norm_macs_per_token(block.norm2) + norm_macs_per_token(block.mlp),
         )
 
     def macs(self, n_attn, n_mlp, n_query=None):
-        """(total, norm part). `n_query` defaults to `n_attn` (every token attends to every token)."""
+        """(total, norm part). `n_query`, the tokens whose attention output is computed, defaults to `n_attn`."""
         n_query = n_attn if n_query is None else n_query
-        norm = self.attn_norm * n_attn + self.mlp_norm * n_mlp
-        total = self.attn_linear * n_attn + self.attn_pair * n_query * n_attn + self.mlp_linear * n_mlp + norm
-        return total, norm
+        norm = self.attn_norm * n_attn + self.out_norm * n_query + self.mlp_norm * n_mlp
+        linear = self.attn_linear * n_attn + self.out_linear * n_query + self.mlp_linear * n_mlp
+        return linear + self.attn_pair * n_query * n_attn + norm, norm
 
 
 def embed_macs(patch_embed: nn.Module) -> int:
@@ -92,6 +98,7 @@ class CostLedger(contextlib.AbstractContextManager):
         self.macs = torch.zeros(batch_size, dtype=torch.float64)
         self.norm_macs = torch.zeros(batch_size, dtype=torch.float64)
         self.block_tokens: list[torch.Tensor] = []  # tokens entering attention, per block, per image
+        self.notes: dict[str, torch.Tensor] = {}  # per-image values a method reports (e.g. which exit)
         self._rows: list[torch.Tensor] = []
 
     def __enter__(self):
@@ -126,6 +133,11 @@ class CostLedger(contextlib.AbstractContextManager):
         tokens = torch.zeros(self.batch_size, dtype=torch.float64)
         self._scatter(tokens, n_attn)
         self.block_tokens.append(tokens)
+
+    def note(self, name: str, values) -> None:
+        """Record a per-image value (for the current rows) that the results row reports as a mean."""
+        target = self.notes.setdefault(name, torch.zeros(self.batch_size, dtype=torch.float64))
+        self._scatter(target, values)
 
     @contextlib.contextmanager
     def rows(self, index: torch.Tensor):

@@ -69,6 +69,10 @@ class Method:
         """Return the model to measure: `model` with this method applied at the given knob values."""
         raise NotImplementedError
 
+    def checkpoint_for(self, model_name: str, dataset: str):
+        """Trained weights shipped for this method on (model, dataset), or None. Only for `needs_training`."""
+        return None
+
     @classmethod
     def noop_knobs(cls) -> dict[str, Any]:
         return {k.name: k.noop for k in cls.knobs}

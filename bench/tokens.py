@@ -51,6 +51,7 @@ class AttentionInfo:
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
+    query_index: torch.Tensor | None = None  # [B, K] the tokens a selecting reducer kept as queries
 
 
 class TokenReducer(nn.Module):
@@ -58,13 +59,20 @@ class TokenReducer(nn.Module):
 
     `needs` names the `AttentionInfo` fields to compute. `before_block` reducers run on the block
     input and get no attention info. `forward(x, state, info)` returns the reduced tokens and updates
-    `state` (size, mask, source) to match.
+    `state` (size, mask, source) to match. A `selects_queries` reducer (ATS) implements `select`
+    instead: it picks the tokens to keep from the class-token attention and values, before the rest of
+    attention runs, so that only the kept tokens are computed as queries.
     """
 
     needs: frozenset = frozenset()
     before_block: bool = False
+    selects_queries: bool = False
 
     def forward(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, state: TokenState, info: AttentionInfo) -> torch.Tensor:
+        """[B, K] indices of the tokens to keep (prefix included); updates `state` to match."""
         raise NotImplementedError
 
 
@@ -80,34 +88,49 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None
     return bias
 
 
-def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset):
-    """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps."""
+def separate_cls_row(attn: nn.Module, needs: frozenset, selecting: bool) -> bool:
+    """Whether `run_attention` computes the class token's attention as its own q_cls K^T row."""
+    return "cls_attn" in needs and (selecting or (attn.fused_attn and "logits" not in needs))
+
+
+def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset, select=None):
+    """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps.
+
+    `select(info)`, if given, returns [B, K] indices of the tokens to keep as queries, chosen from
+    `info` before the rest of attention runs; the output then has those K tokens only.
+    """
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     info = AttentionInfo()
+    if "keys" in needs:
+        info.keys = k
+    if "values" in needs:
+        info.values = v
+    separate = separate_cls_row(attn, needs, select is not None)
+    if separate:
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        info.cls_attn = logits.softmax(dim=-1)[:, :, 0]
+    if select is not None:
+        info.query_index = select(info)
+        q = q.gather(2, info.query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        x = gather_tokens(x, info.query_index)
     if attn.fused_attn and "logits" not in needs:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        if "cls_attn" in needs:
-            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
-            info.cls_attn = logits.softmax(dim=-1)[:, :, 0]
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
         weights = attn.attn_drop(logits.softmax(dim=-1))
         out = weights @ v
-        info.cls_attn = weights[:, :, 0] if "cls_attn" in needs else None
+        if "cls_attn" in needs and not separate:
+            info.cls_attn = weights[:, :, 0]
         info.logits = logits if "logits" in needs else None
-    if "keys" in needs:
-        info.keys = k
-    if "values" in needs:
-        info.values = v
-    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
@@ -129,15 +152,20 @@ class ReducibleBlock(nn.Module):
             x = reducer(x, state, AttentionInfo())
         n_attn = state.valid_counts(x)
         needs = frozenset() if reducer is None or reducer.before_block else reducer.needs
+        selecting = reducer is not None and reducer.selects_queries
+        select = (lambda info: reducer.select(state, info)) if selecting else None
         bias = attention_bias(state, x.dtype)
-        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs)
+        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs, select)
+        if selecting:
+            x = gather_tokens(x, info.query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
-        if reducer is not None and not reducer.before_block:
+        if reducer is not None and not reducer.before_block and not selecting:
             x = reducer(x, state, info)
         ledger = active_ledger()
         if ledger is not None:
-            ledger.add_block(self.cost, n_attn, state.valid_counts(x))
-            if "cls_attn" in needs and blk.attn.fused_attn:  # the extra q_cls K^T row
+            n_out = state.valid_counts(x)
+            ledger.add_block(self.cost, n_attn, n_out, n_out if selecting else None)
+            if separate_cls_row(blk.attn, needs, selecting):  # the extra q_cls K^T row
                 ledger.add(blk.attn.attn_dim * n_attn)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if state.mask is not None:
@@ -234,16 +262,34 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor) -> torch
 
     Updates size, mask and source of `state` to follow the kept tokens.
     """
-    p = state.prefix
-    index = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], p), keep + p], dim=1)
+    index = with_prefix(keep, state.prefix)
+    follow_tokens(state, index)
+    return gather_tokens(x, index)
+
+
+def with_prefix(keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Token indices [B, prefix + K] of the prefix tokens followed by patch tokens `keep` ([B, K])."""
+    front = torch.arange(prefix, device=keep.device).expand(keep.shape[0], prefix)
+    return torch.cat([front, keep + prefix], dim=1)
+
+
+def follow_tokens(state: TokenState, index: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Make size, mask and source of `state` follow the tokens at `index` ([B, K] token indices).
+
+    `mask` ([B, K] bool), if given, becomes the new mask: False marks padding slots of images that
+    kept fewer tokens than the batch's widest (their source rows are cleared).
+    """
     if state.size is not None:
         state.size = gather_tokens(state.size, index)
-    if state.mask is not None:
+    if mask is not None:
+        state.mask = mask
+    elif state.mask is not None:
         state.mask = state.mask.gather(1, index)
     if state.source is not None:
         state.source = gather_tokens(state.source, index)
+        if mask is not None:
+            state.source = state.source * mask[..., None]
         state.stages.append(state.source)
-    return gather_tokens(x, index)
 
 
 def keep_count(keep_rate: float, n: int) -> int:

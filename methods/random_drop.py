@@ -6,7 +6,7 @@ so that it differs from `topk` only in which tokens survive. Seeded: the same se
 
 import torch
 
-from bench.registry import Knob, Method, keep_rate_knob, register_method
+from bench.registry import Method, keep_rate_knob, register_method
 from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count, keep_tokens
 
 
@@ -29,11 +29,11 @@ class RandomReducer(TokenReducer):
 class RandomDrop(Method):
     name = "random"
     family = "prune"
-    knobs = (keep_rate_knob(), Knob("seed", (0,), noop=0, kind=int, low=0, low_inclusive=True,
-                                    help="seed of the random token choice"))
+    knobs = (keep_rate_knob(),)
     summary = "keep random tokens at blocks 3/6/9 (seeded)"
 
-    def build(self, model, keep=1.0, seed=0):
-        generator = torch.Generator().manual_seed(seed)
+    def build(self, model, keep=1.0):
+        """The token draws are seeded from torch's seed at build time (`bench --seed`)."""
+        generator = torch.Generator().manual_seed(torch.initial_seed())
         blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
         return TokenReducedViT(model, {i: RandomReducer(keep, generator) for i in blocks})

@@ -1,0 +1,147 @@
+"""`tokenbench bench`: sweep methods over their knobs and append one results row per configuration."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from bench import data, measure, models, results
+from bench.registry import BenchError, get_method, knob_by_name, resolve_methods
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="sweep methods over their knobs and record accuracy, GMACs and speed")
+    p.add_argument("--method", default="all", help="'all' or a comma-separated list (see `tokenbench methods`)")
+    p.add_argument("--model", default="vit_digits", help="timm ViT name (default: the embedded vit_digits)")
+    p.add_argument("--checkpoint", default=None, help="local weights file (read with weights_only=True)")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub or its cache)")
+    p.add_argument("--dataset", default="digits", help=f"one of: {', '.join(data.dataset_names())}")
+    p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
+    p.add_argument("--split", default="test", choices=data.SPLITS)
+    p.add_argument("--out", required=True, help="results folder; rows go to OUT/results.jsonl")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=None, help="throughput batch (default 256 on cuda, 32 on cpu)")
+    p.add_argument("--dtype", default="fp32", choices=list(measure.DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median and IQR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-timing", action="store_true", help="skip throughput and latency (accuracy and GMACs only)")
+    for knob in knob_by_name().values():
+        p.add_argument(f"--{knob.name}", default=None, metavar="V[,V...]",
+                       help=f"override the sweep values of knob '{knob.name}' ({knob.help})")
+    return p
+
+
+def knob_overrides(args) -> dict[str, tuple]:
+    overrides = {}
+    for name, knob in knob_by_name().items():
+        text = getattr(args, name, None)
+        if text is not None:
+            overrides[name] = tuple(knob.parse(v) for v in text.split(",") if v.strip())
+    return overrides
+
+
+def preload(dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and preprocess every image once; all configurations reuse the tensors."""
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=0):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise BenchError("the dataset has no images")
+    return torch.cat(images), torch.cat(labels)
+
+
+def batches(images, labels, batch_size):
+    for i in range(0, len(labels), batch_size):
+        yield images[i:i + batch_size], labels[i:i + batch_size]
+
+
+def timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first `batch_size` real images (cycled if the dataset is smaller)."""
+    reps = -(-batch_size // len(images))
+    return images.repeat(reps, 1, 1, 1)[:batch_size] if reps > 1 else images[:batch_size]
+
+
+def fmt_knobs(knobs: dict) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda, but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
+    if batch_size < 1 or args.repeats < 1:
+        raise BenchError("--batch-size and --repeats must be at least 1")
+    names = resolve_methods(args.method)
+    overrides = knob_overrides(args)
+    methods = {name: get_method(name) for name in names}
+    known_knobs = {k.name for m in methods.values() for k in m.knobs}
+    for name in overrides:
+        if name not in known_knobs:
+            raise BenchError(f"--{name} is not a knob of {', '.join(names)}")
+
+    backbone = models.load_model(args.model, args.checkpoint, args.pretrained)
+    out = Path(args.out)
+    results_path = out / results.RESULTS_FILE
+    timed = {row["cell_id"]: row.get("throughput") is not None for row in results.read_results(results_path)}
+    ds = data.build_dataset(args.dataset, args.split, data.eval_transform(backbone.model), args.data_root)
+    images, labels = preload(ds.dataset)
+    timing_images = timing_batch(images, batch_size).to(device)
+    env = results.provenance(device, args.seed)
+
+    plan = []
+    for name, method in methods.items():
+        loaded = backbone
+        if method.needs_training:
+            path = args.checkpoint if len(methods) == 1 and args.checkpoint else method.checkpoint_for(args.model, args.dataset)
+            if path is None:
+                print(f"{name}: skipped, it needs weights trained with it "
+                      f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
+                continue
+            loaded = models.load_model(checkpoint=path)
+        for knobs in method.sweep_points(overrides):
+            for knob in method.knobs:
+                knob.check(knobs[knob.name])
+            plan.append((name, method, loaded, knobs))
+
+    print(f"{len(plan)} configurations of {len(methods)} methods on {args.model} ({backbone.weights}), "
+          f"{args.dataset}/{args.split} ({len(labels)} images), {env['device_name']}, {args.dtype}, "
+          f"batch {batch_size}, {torch.get_num_threads()} threads -> {results_path}")
+    started = time.perf_counter()
+    for i, (name, method, loaded, knobs) in enumerate(plan, 1):
+        cell = {"method": name, "knobs": knobs, "model": loaded.name, "weights": loaded.weights,
+                "dataset": args.dataset, "split": args.split, "device": device.type,
+                "device_name": env["device_name"], "dtype": args.dtype, "batch_size": batch_size,
+                "threads": torch.get_num_threads() if device.type == "cpu" else None, "seed": args.seed}
+        cid = results.cell_id(cell)
+        if cid in timed and (timed[cid] or args.no_timing):
+            print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: already recorded, skipped")
+            continue
+        torch.manual_seed(args.seed)
+        model = method.build(loaded.model, **knobs).to(device).eval()
+        evaluation = measure.evaluate(model, batches(images, labels, batch_size), device, args.dtype)
+        row = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
+               "n_unreadable": ds.unreadable, "params": measure.parameter_count(model),
+               **evaluation.summary(), "provenance": env}
+        if not args.no_timing:
+            tp = measure.throughput(model, timing_images, device, args.dtype, repeats=args.repeats,
+                                    warmup_s=2.0 if device.type == "cuda" else 0.5,
+                                    min_repeat_s=0.2 if device.type == "cuda" else 0.1)
+            lat = measure.latency(model, timing_images, device, args.dtype, repeats=args.repeats,
+                                  warmup_s=1.0 if device.type == "cuda" else 0.3, min_repeat_s=0.05)
+            row.update(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
+                       timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
+                       peak_memory_mb=measure.peak_memory_mb(model, timing_images, device, args.dtype))
+        results.append_result(results_path, row)
+        speed = f", {row['throughput']:.0f} img/s, {row['latency_ms']:.2f} ms at batch 1" if not args.no_timing else ""
+        print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: top-1 {100 * row['top1']:.2f}%, "
+              f"{row['gmacs']:.4g} GMACs{speed}", flush=True)
+    print(f"done in {time.perf_counter() - started:.1f} s; {results_path}")
+    return 0

@@ -1,0 +1,23 @@
+"""`tokenbench methods`: list every registered method with its family, knobs and default sweep."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from bench.registry import all_methods
+
+
+def add_parser(sub):
+    return sub.add_parser("methods", help="list the registered methods")
+
+
+def describe(cls) -> list:
+    knobs = "; ".join(f"{k.name} = {', '.join(f'{v:g}' for v in k.sweep)} (no-op {k.noop:g})" for k in cls.knobs)
+    return [cls.name, cls.family, knobs or "-", "yes" if cls.needs_training else "no", cls.summary,
+            cls.__module__]
+
+
+def run(args):
+    rows = [describe(cls) for cls in all_methods().values()]
+    print(tabulate(rows, headers=["method", "family", "knobs (default sweep)", "needs training", "what", "module"]))
+    return 0

@@ -1,0 +1,139 @@
+"""Leaderboards from results rows: a markdown table (tabulate) and Pareto plots (seaborn) per setting.
+
+One table and one pair of plots per (dataset, model, weights, device, dtype, batch): rows from
+different hardware or precision are never mixed. The dense baseline is the `none` row of the same
+setting; the Pareto front marks configurations that no other configuration beats on both axes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from bench.results import read_results, results_files
+
+GROUP = ["dataset", "model", "weights", "device_name", "dtype", "batch_size"]
+
+
+def load_rows(directory: str | Path) -> pd.DataFrame:
+    rows = [row for path in results_files(directory) for row in read_results(path)]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).drop_duplicates("cell_id", keep="last")
+    df["knob_text"] = df["knobs"].map(lambda k: " ".join(f"{a}={b:g}" for a, b in k.items()) or "-")
+    for column in ("throughput", "latency_ms", "budget_requested"):
+        if column not in df:
+            df[column] = float("nan")
+    return df.reset_index(drop=True)
+
+
+def pareto_front(df: pd.DataFrame, cost: str, higher_cost_is_better: bool = False) -> pd.Series:
+    """True for rows not dominated on (top-1 up, cost down), or (top-1 up, cost up) for throughput."""
+    order = df.sort_values(cost, ascending=not higher_cost_is_better, kind="stable")
+    on_front, best = pd.Series(False, index=df.index), -1.0
+    for idx, top1 in order["top1"].items():
+        if pd.notna(order.at[idx, cost]) and top1 > best:
+            on_front[idx], best = True, top1
+    return on_front
+
+
+def slug(*parts) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(str(p) for p in parts)).strip("-")
+
+
+def group_table(g: pd.DataFrame) -> pd.DataFrame:
+    dense = g[g["method"] == "none"]
+    base = dense.iloc[-1] if len(dense) else None
+    front = pareto_front(g, "gmacs")
+    table = pd.DataFrame({
+        "method": g["method"],
+        "knobs": g["knob_text"],
+        "top-1 %": 100 * g["top1"],
+        "Δ top-1": 100 * (g["top1"] - base["top1"]) if base is not None else float("nan"),
+        "GMACs": g["gmacs"],
+        "GMACs ÷ dense": g["gmacs"] / base["gmacs"] if base is not None else float("nan"),
+        "img/s": g["throughput"],
+        "speedup": g["throughput"] / base["throughput"] if base is not None else float("nan"),
+        "latency ms (b=1)": g["latency_ms"],
+        "Pareto": front.map({True: "★", False: ""}),
+    })
+    if g["budget_requested"].notna().any():
+        table.insert(2, "budget", g["budget_requested"])
+    return table.sort_values(["GMACs", "method"], ascending=[False, True])
+
+
+def settings_line(g: pd.DataFrame) -> str:
+    p = g.iloc[-1]["provenance"]
+    threads = g.iloc[-1].get("threads")
+    bits = [f"device **{p['device_name']}**", f"dtype {g.iloc[-1]['dtype']}", f"batch {g.iloc[-1]['batch_size']}"]
+    if isinstance(threads, (int, float)) and threads == threads:
+        bits.append(f"{int(threads)} threads")
+    bits += [f"torch {p['torch']}", f"timm {p['timm']}", f"git {str(p.get('git_sha'))[:10]}"
+             + (" (dirty)" if p.get("git_dirty") else ""), f"{int(g['n_images'].iloc[-1])} images",
+             f"measured {p['time_utc'][:10]}"]
+    return ", ".join(bits)
+
+
+def plot_group(g: pd.DataFrame, title: str, path_stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    written = []
+    axes_spec = [("gmacs", "GMACs per image (mean)", False), ("throughput", "throughput (images/s)", True)]
+    for cost, label, higher in axes_spec:
+        if g[cost].isna().all():
+            continue
+        data = g.assign(top1_pct=100 * g["top1"]).sort_values(cost)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sns.lineplot(data=data[data["method"] != "none"], x=cost, y="top1_pct", hue="method", style="method",
+                     markers=True, dashes=False, sort=True, estimator=None, ax=ax)
+        front = data[pareto_front(data, cost, higher)].sort_values(cost)
+        ax.plot(front[cost], front["top1_pct"], drawstyle="steps-post" if not higher else "steps-pre",
+                color="grey", alpha=0.6, linewidth=2.5, zorder=0, label="Pareto front")
+        dense = data[data["method"] == "none"]
+        if len(dense):
+            ax.scatter(dense[cost], dense["top1_pct"], marker="*", s=250, color="black", zorder=5, label="dense")
+            ax.axhline(dense["top1_pct"].iloc[-1], color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = path_stem.with_name(f"{path_stem.name}_{cost}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Regenerate `leaderboard.md` and the plots under `plots/` from every results file in `results_dir`."""
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir else results_dir
+    df = load_rows(results_dir)
+    if df.empty:
+        raise FileNotFoundError(f"no results rows under {results_dir}")
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    lines = ["# tokenbench leaderboard", "",
+             f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "
+             "as one (the papers' convention), per image, on the computation actually run; speedup is "
+             "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front.",
+             ""]
+    for key, g in df.groupby(GROUP, sort=True, dropna=False):
+        dataset, model, weights, device, dtype, batch = key
+        title = f"{dataset} · {model} ({weights}) · {device} · {dtype} · batch {batch}"
+        lines += [f"## {dataset} · {model}", "", settings_line(g) + f"; weights `{weights}`", ""]
+        lines.append(group_table(g).to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
+        stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
+        for path in plot_group(g, title, stem):
+            lines += ["", f"![{path.stem}](plots/{path.name})"]
+        lines.append("")
+    path = out_dir / "leaderboard.md"
+    path.write_text("\n".join(lines))
+    return path
+

@@ -1,0 +1,136 @@
+"""Building backbones: any timm model by name, weights from a local checkpoint, timm's pretrained
+loading, or the embedded default (`vit_digits`, trained by `tokenbench train` and shipped in
+`bench/assets`).
+
+Checkpoints written by tokenbench are self-describing dicts: `{"model": name, "model_kwargs": {...},
+"state_dict": ..., "meta": {...}}`, always read with `weights_only=True`. Plain state dicts (or timm /
+DeiT style `{"model": state_dict}` / `{"state_dict": ...}`) load too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from bench.registry import BenchError
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt"}
+
+default_cfgs = generate_default_cfgs({
+    "vit_digits.tokenbench": dict(
+        input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center",
+        interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj", classifier="head",
+        license="apache-2.0"),
+})
+
+
+@register_model
+def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default: a 12-block ViT (dim 96, 3 heads) on 32x32 digits, 4x4 patches, 65 tokens."""
+    args = dict(img_size=32, patch_size=4, embed_dim=96, depth=12, num_heads=3, num_classes=10)
+    return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained, **dict(args, **kwargs))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    weights: str  # what the results row records: embedded / file / timm tag / random-init, with a hash
+    meta: dict
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as a dict, read without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        raise BenchError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise BenchError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _state_dict(obj: dict) -> dict:
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    if not timm.is_model(name):
+        raise BenchError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
+    return timm.create_model(name, **kwargs)
+
+
+def load_model(name: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = False,
+               num_classes: int | None = None) -> LoadedModel:
+    """Build `name` (or the model a tokenbench checkpoint names) with the requested weights, in eval mode."""
+    if checkpoint is None and not pretrained and name in EMBEDDED_WEIGHTS:
+        checkpoint, label = EMBEDDED_WEIGHTS[name], "embedded"
+    else:
+        label = "file"
+    if checkpoint is not None:
+        obj = read_checkpoint(checkpoint)
+        name = obj.get("model") if isinstance(obj.get("model"), str) else name
+        if name is None:
+            raise BenchError(f"checkpoint {checkpoint} does not name its model; pass --model")
+        state = _state_dict(obj)
+        kwargs = dict(obj.get("model_kwargs", {}))
+        head = state.get("head.weight")
+        if head is not None:
+            kwargs["num_classes"] = head.shape[0]
+        model = create(name, **kwargs)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BenchError(f"checkpoint {checkpoint} does not fit {name}: "
+                             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:2]})")
+        path = Path(checkpoint)
+        weights = f"{label}:{path.name}@sha256:{file_sha256(path)[:12]}"
+        meta = dict(obj.get("meta", {}))
+    else:
+        if name is None:
+            raise BenchError("no model given")
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if pretrained:
+            try:
+                model = create(name, pretrained=True, **kwargs)
+            except BenchError:
+                raise
+            except Exception as err:
+                raise BenchError(f"could not load pretrained weights for {name}: {str(err).splitlines()[0]} "
+                                 "(offline? pass --checkpoint FILE)") from None
+            weights = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+        else:
+            model = create(name, **kwargs)
+            weights = "random-init"
+        meta = {}
+    return LoadedModel(model.eval(), name, weights, meta)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, name: str, meta: dict, model_kwargs: dict | None = None):
+    """Write a self-describing tokenbench checkpoint (tensors and plain data only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"model": name, "model_kwargs": model_kwargs or {}, "state_dict": state, "meta": meta}, path)

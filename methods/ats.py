@@ -1,0 +1,93 @@
+"""ATS: adaptive token sampling, so that each image keeps as many tokens as its content needs.
+
+In every block from the 4th on (blocks 3..11 of a 12-block model), each patch token gets a significance:
+the class token's attention to it summed over heads, times the norm of its value vector (all heads
+concatenated). Sorted ascending, the significances make a cumulative distribution, min-max normalised
+to [0, 1]; K samples at evenly spaced levels from its smallest non-zero value to 1 each pick the token
+whose cdf point is nearest (inverse transform sampling). Tokens picked several times are kept once, so
+an image whose significance is concentrated keeps few tokens and a busy one keeps many. Only the kept
+tokens are computed as queries of the block's attention (every token stays a key and value).
+Knob: `keep`, the samples per block as a fraction of the model's input patch tokens, K = ceil(keep * P),
+at every ATS block. keep = 1 (K = 196 for DeiT-S) is the official DeiT-S configuration, where the
+reduction comes from repeated picks alone; keep = inf switches ATS off. The least significant token
+is never picked, so no finite keep reproduces the dense model.
+Images keep different numbers of tokens: a batch is padded to its widest image and the padding is
+masked out of attention, sampling and pooling, so an image's result does not depend on its batch (the
+official code lets padding shift the normalised cdf; here it is normalised over real tokens only).
+Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV 2022 (official code:
+adaptivetokensampling/ATS).
+"""
+
+import math
+
+import torch
+
+from bench.registry import BenchError, Knob, Method, register_method
+from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, follow_tokens, with_prefix
+
+
+def nearest_points(cdf: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """For each level, the index of the nearest value in the ascending rows of `cdf` (ties: the lower)."""
+    right = torch.searchsorted(cdf, levels).clamp(max=cdf.shape[1] - 1)
+    left = (right - 1).clamp(min=0)
+    closer_left = levels - cdf.gather(1, left) <= cdf.gather(1, right) - levels
+    return torch.where(closer_left, left, right)
+
+
+class AdaptiveSamplingReducer(TokenReducer):
+    needs = frozenset({"cls_attn", "values"})
+    selects_queries = True
+
+    def __init__(self, samples: int):
+        super().__init__()
+        self.samples = samples
+
+    def select(self, state, info):
+        p = state.prefix
+        B, H, N, d = info.values.shape
+        value_norm = info.values.transpose(1, 2).reshape(B, N, H * d).norm(dim=-1)
+        significance = (info.cls_attn.sum(dim=1) * value_norm)[:, p:]
+        real = torch.ones_like(significance, dtype=torch.bool) if state.mask is None else state.mask[:, p:]
+        # Padding sorts first (score -1) and gets cdf -inf: it is never picked and shifts nothing.
+        sorted_significance, order = significance.masked_fill(~real, -1.0).sort(dim=1)
+        cdf = sorted_significance.clamp(min=0).cumsum(dim=1)
+        padding = (~real).sum(dim=1, keepdim=True)
+        low, high = cdf.gather(1, padding), cdf[:, -1:]
+        cdf = (cdf - low) / (high - low).clamp(min=torch.finfo(cdf.dtype).tiny)
+        position = torch.arange(cdf.shape[1], device=cdf.device)
+        cdf = cdf.masked_fill(position < padding, -math.inf)
+        start = cdf.masked_fill(cdf <= 0, math.inf).amin(dim=1, keepdim=True).clamp(max=1.0)
+        levels = start + (1 - start) * torch.linspace(0, 1, self.samples, device=cdf.device, dtype=cdf.dtype)
+        picked = torch.zeros_like(real).scatter_(1, nearest_points(cdf, levels), True)
+        # Picked positions first (in ascending significance), padded to the batch's widest image.
+        counts = picked.sum(dim=1, keepdim=True)
+        width = int(counts.max())
+        slots = (~picked).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+        index = with_prefix(order.gather(1, slots), p)
+        valid = torch.arange(width, device=cdf.device) < counts
+        follow_tokens(state, index, torch.cat([valid.new_ones(B, p), valid], dim=1))
+        return index
+
+
+def ats_blocks(depth: int) -> range:
+    """The official placement: every block from the first reduction stage on (3..11 for 12 blocks)."""
+    stages = default_reduction_blocks(depth)
+    return range(stages[0], depth) if stages else range(0)
+
+
+@register_method
+class ATS(Method):
+    name = "ats"
+    family = "prune"
+    knobs = (Knob("keep", (1.0, 0.7, 0.5, 0.3), noop=math.inf, kind=float, low=0.0, high=math.inf,
+                  help="fraction of patch tokens kept per stage (ats: samples per block as a fraction of "
+                       "the patch tokens, 1 = paper, inf = off)"),)
+    summary = "adaptive token sampling in blocks 3..11: per-image token counts, padded and masked"
+
+    def build(self, model, keep=math.inf):
+        if getattr(model, "cls_token", None) is None:
+            raise BenchError("ats samples tokens by the class token's attention, and this model has no class token")
+        if math.isinf(keep):
+            return TokenReducedViT(model)
+        samples = math.ceil(keep * model.patch_embed.num_patches)
+        return TokenReducedViT(model, {i: AdaptiveSamplingReducer(samples) for i in ats_blocks(len(model.blocks))})
