@@ -1,0 +1,56 @@
+"""Sessions: `nox -s tests`, `nox -s bench -- --method all`, `nox -s leaderboard -- --results DIR`.
+
+torch and torchvision are pinned as a pair: PyPI's builds of these two versions import together on
+CPU-only and CUDA machines alike (a mismatched pair fails at `import torchvision`).
+"""
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests"]
+
+PYTHON = "3.11"
+TORCH = ["torch==2.13.0", "torchvision==0.28.0"]
+
+
+def install(session, extras=None):
+    target = f".[{extras}]" if extras else "."
+    session.install(*TORCH, "-e", target)
+
+
+def option_value(args, name):
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@nox.session(python=PYTHON)
+def tests(session):
+    """Run the test suite (pass pytest options after --)."""
+    install(session, "test")
+    session.install("pip", "setuptools")  # the plugin test installs a package with pip
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session):
+    """Sweep methods and regenerate the leaderboard: nox -s bench -- --method all [--out DIR ...]."""
+    install(session, "fvcore")
+    args = list(session.posargs) or ["--method", "all"]
+    out = option_value(args, "--out")
+    if out is None:
+        out = "runs/bench"
+        args += ["--out", out]
+    session.run("tokenbench", "bench", *args, env={"PYTHONUNBUFFERED": "1"})
+    session.run("tokenbench", "leaderboard", "--results", out)
+
+
+@nox.session(python=PYTHON, default=False)
+def leaderboard(session):
+    """Regenerate leaderboard.md and plots: nox -s leaderboard -- --results DIR."""
+    install(session)
+    session.run("tokenbench", "leaderboard", *(session.posargs or ["--results", "results/digits"]))
