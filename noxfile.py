@@ -1,8 +1,11 @@
-"""Sessions: `nox -s tests`, `nox -s bench -- --method all`, `nox -s leaderboard -- --results DIR`.
+"""Sessions: `nox -s tests`, `nox -s regression`, `nox -s bench -- --method all`,
+`nox -s leaderboard -- --results DIR`.
 
 torch and torchvision are pinned as a pair: PyPI's builds of these two versions import together on
 CPU-only and CUDA machines alike (a mismatched pair fails at `import torchvision`).
 """
+
+from pathlib import Path
 
 import nox
 
@@ -54,3 +57,15 @@ def leaderboard(session):
     """Regenerate leaderboard.md and plots: nox -s leaderboard -- --results DIR."""
     install(session)
     session.run("tokenbench", "leaderboard", *(session.posargs or ["--results", "results/digits"]))
+
+
+@nox.session(python=PYTHON, default=False)
+def regression(session):
+    """CI gate: each method's tokens/GMACs snapshot and speedup over dense (-- --update rewrites them)."""
+    install(session, "test")
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    session.run("tokenbench", "regression", *session.posargs, env=one_thread)
+    if "--update" not in session.posargs:
+        Path("runs/regression").mkdir(parents=True, exist_ok=True)
+        session.run("pytest", "tests/benchmarks", "--benchmark-storage=.benchmarks", "--benchmark-autosave",
+                    "--benchmark-json=runs/regression/micro.json", "--benchmark-compare", env=one_thread)

@@ -106,11 +106,11 @@ def snapshot_entry(method: Method, backbone: nn.Module, images: torch.Tensor, kn
     }
 
 
-def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int] = SNAPSHOT_MODELS) -> dict:
+def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int] | None = None) -> dict:
     """{model: {method: {sweep point: entry}}} for every method at every default sweep point, at one thread."""
     out = {}
     with threads(1):
-        for model_name, batch in model_batches.items():
+        for model_name, batch in (model_batches or SNAPSHOT_MODELS).items():
             backbone = random_model(model_name)
             images = random_images(backbone, batch)
             out[model_name] = {
@@ -235,36 +235,44 @@ def interleaved_speedup(dense: nn.Module, model: nn.Module, x: torch.Tensor, set
     return statistics.median(ratios), float(q3 - q1), statistics.median(dense_s), statistics.median(method_s)
 
 
-def skip_reason(cls: type[Method], setup: SpeedSetup) -> str | None:
-    if cls.needs_training and cls().checkpoint_for(setup.model, "digits") is None:
-        return f"needs trained weights; no checkpoint shipped for {setup.model}"
-    return None
+def timed_models(cls: type[Method], setup: SpeedSetup):
+    """(dense, method model, images, knobs) to time a method with, or why it is not timed.
+
+    Dense and method share weights: seeded random init, or the method's shipped checkpoint when it
+    needs training (without one it is skipped: its speed may depend on trained weights).
+    """
+    method = cls()
+    if cls.needs_training:
+        checkpoint = method.checkpoint_for(setup.model, "digits")
+        if checkpoint is None:
+            return f"needs trained weights; no checkpoint shipped for {setup.model}"
+        dense = models.load_model(checkpoint=checkpoint).model
+    else:
+        dense = random_model(setup.model)
+    knobs = speed_point(cls)
+    torch.manual_seed(SEED)
+    try:
+        model = method.build(dense, **knobs).eval()
+    except BenchError as err:
+        return f"does not apply to {setup.model}: {err}"
+    return dense, model, random_images(dense, setup.batch), knobs
 
 
 def measure_speeds(methods: dict[str, type[Method]], setup: SpeedSetup, pairs: int | None = None,
                    log=print) -> dict[str, Speed | str]:
     """Speedup over dense for each method (or the reason it was skipped), at `setup.threads` threads."""
+    pairs = pairs or setup.pairs
     out: dict[str, Speed | str] = {}
     with threads(setup.threads):
         for name, cls in methods.items():
-            reason = skip_reason(cls, setup)
-            if reason:
-                out[name] = reason
+            timed = timed_models(cls, setup)
+            if isinstance(timed, str):
+                out[name] = timed
+                log(f"  {name}: skipped, {timed}")
                 continue
-            if cls.needs_training:
-                dense = models.load_model(checkpoint=cls().checkpoint_for(setup.model, "digits")).model
-            else:
-                dense = random_model(setup.model)
-            x = random_images(dense, setup.batch)
-            knobs = speed_point(cls)
-            torch.manual_seed(SEED)
-            try:
-                model = cls().build(dense, **knobs).eval()
-            except BenchError as err:
-                out[name] = f"does not apply to {setup.model}: {err}"
-                continue
-            ratio, iqr, d, m = interleaved_speedup(dense, model, x, setup, pairs or setup.pairs)
-            out[name] = Speed(knobs, ratio, iqr, pairs or setup.pairs, d * 1e3, m * 1e3)
+            dense, model, x, knobs = timed
+            ratio, iqr, d, m = interleaved_speedup(dense, model, x, setup, pairs)
+            out[name] = Speed(knobs, ratio, iqr, pairs, d * 1e3, m * 1e3)
             log(f"  {name} {point_label(knobs)}: {ratio:.3f}x (IQR {iqr:.3f}) dense {d * 1e3:.1f} ms, "
                 f"method {m * 1e3:.1f} ms")
     return out
