@@ -16,13 +16,16 @@ masked out of attention, sampling and pooling, so an image's result does not dep
 official code lets padding shift the normalised cdf; here it is normalised over real tokens only).
 Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV 2022 (official code:
 adaptivetokensampling/ATS).
+On a model without a class token (VideoMAE, average-pool ViTs) every token is sampled and the attention
+each token receives, averaged over all queries, stands in for the class token's attention
+(`bench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
 
 import math
 
 import torch
 
-from bench.registry import BenchError, Knob, Method, register_method
+from bench.registry import Knob, Method, register_method
 from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, follow_tokens, with_prefix
 
 
@@ -85,8 +88,6 @@ class ATS(Method):
     summary = "adaptive token sampling in blocks 3..11: per-image token counts, padded and masked"
 
     def build(self, model, keep=math.inf):
-        if getattr(model, "cls_token", None) is None:
-            raise BenchError("ats samples tokens by the class token's attention, and this model has no class token")
         if math.isinf(keep):
             return TokenReducedViT(model)
         samples = math.ceil(keep * model.patch_embed.num_patches)

@@ -8,12 +8,15 @@ at k = 0.7 runs 197 -> 140 -> 100 -> 72 tokens. The paper's argument: the class 
 which patches matter for the prediction, and fusing keeps a trace of the inattentive ones.
 Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
 Reorganizations", ICLR 2022 (official code: youweiliang/evit).
+On a model without a class token (VideoMAE, average-pool ViTs) every token is a candidate and the attention
+each token receives, averaged over all queries, stands in for the class token's attention
+(`bench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
 
 import torch
 
 from bench.ledger import active_ledger
-from bench.registry import BenchError, Method, keep_rate_knob, register_method
+from bench.registry import Method, keep_rate_knob, register_method
 from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, gather_tokens, keep_count, keep_tokens
 
 
@@ -32,15 +35,15 @@ class FuseInattentiveReducer(TokenReducer):
             return x
         score = info.cls_attn[:, :, p:].mean(dim=1)  # [B, n]
         weight, order = score.sort(dim=1, descending=True)
-        dropped = order[:, k:]
+        dropped = order[:, k:] + p
         # The fused token: attention-weighted sum of the dropped post-residual tokens, as one matmul.
-        fused = weight[:, None, k:] @ gather_tokens(x[:, p:], dropped)  # [B, 1, C]
+        fused = weight[:, None, k:] @ gather_tokens(x, dropped)  # [B, 1, C]
         ledger = active_ledger()
         if ledger is not None:
             ledger.add((n - k) * x.shape[-1])
         fused_source = None
         if state.source is not None:
-            fused_source = gather_tokens(state.source[:, p:], dropped).sum(1, keepdim=True)
+            fused_source = gather_tokens(state.source, dropped).sum(1, keepdim=True)
         x = torch.cat([keep_tokens(x, state, order[:, :k]), fused], dim=1)
         if fused_source is not None:
             state.source = state.stages[-1] = torch.cat([state.source, fused_source], dim=1)
@@ -55,7 +58,5 @@ class EViT(Method):
     summary = "keep the most class-attended tokens at blocks 3/6/9, fuse the rest into one token"
 
     def build(self, model, keep=1.0):
-        if getattr(model, "cls_token", None) is None:
-            raise BenchError("evit ranks tokens by the class token's attention, and this model has no class token")
         blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
         return TokenReducedViT(model, {i: FuseInattentiveReducer(keep) for i in blocks})

@@ -1,0 +1,55 @@
+"""A plain ViT forward for the method tests: one image, full attention maps, nothing clever.
+
+Each method test writes the paper's reduction step against this (loops and all) and checks that the
+fast batched implementation gives the same logits.
+"""
+
+import functools
+
+import timm
+import torch
+
+
+@functools.cache
+def small_vit(name: str, **kwargs):
+    """A seeded float64 timm ViT of architecture `name`, narrowed (dim 96, 3 heads) at 64x64 (17 tokens)."""
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=64, embed_dim=96, num_heads=3, **kwargs).eval().double()
+
+
+@functools.cache
+def deit_small():
+    """Random-init DeiT-S at 224 (weights do not matter for token counts and GMACs of fixed-rate methods)."""
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224").eval()
+
+
+def plain_logits(vit, image, reduce=None):
+    """Logits of one image [1, 3, H, W] through timm's modules with explicit attention.
+
+    `reduce(i, x, attn, keys, values, size)` runs after block i's attention residual and returns the new
+    (x, size); `size` [1, N, 1] starts at ones and adds log(size) to the attention logits (proportional
+    attention; a no-op while every size is 1).
+    """
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image)))
+    size = torch.ones_like(x[..., :1])
+    for i, blk in enumerate(vit.blocks):
+        attn_layer = blk.attn
+        h = blk.norm1(x)
+        _, n, c = h.shape
+        q, k, v = attn_layer.qkv(h).reshape(1, n, 3, attn_layer.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn_layer.q_norm(q), attn_layer.k_norm(k)
+        logits = q @ k.transpose(-2, -1) * attn_layer.scale + size[..., 0].log()[:, None, None, :]
+        attn = logits.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(1, n, c)
+        x = x + blk.ls1(attn_layer.proj(attn_layer.norm(out)))
+        if reduce is not None:
+            x, size = reduce(i, x, attn, k, v, size)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    x = vit.norm(x)
+    if vit.global_pool == "token":
+        pooled = x[:, 0]
+    else:
+        p = vit.num_prefix_tokens
+        pooled = (x[:, p:] * size[:, p:]).sum(1) / size[:, p:].sum(1)
+    return vit.head(vit.fc_norm(pooled))
