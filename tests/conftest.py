@@ -1,0 +1,32 @@
+"""Shared fixtures: small seeded models, the real-data folder beside the checkout."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import bench.models  # noqa: F401  (registers vit_digits with timm)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(sub: str) -> Path:
+    """A folder of ../shared/data, or skip: it exists on the project's machines and CI, not on users'."""
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real test data {path} is absent (it sits beside the checkout on the project's machines)")
+    return path
+
+
+@pytest.fixture
+def tiny_vit():
+    """The embedded architecture with seeded random weights (fast; weights do not matter for shapes)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_digits").eval()
+
+
+@pytest.fixture
+def digit_images():
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)

@@ -1,0 +1,120 @@
+"""The command line as a user runs it: sweeps, resume, and one-line errors that write nothing."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+from bench.cli import main
+from bench.models import save_checkpoint
+from bench.results import read_results
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tokenbench checkpoint of the embedded architecture (random weights; the sweep mechanics are tested)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
+    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {"note": "test"})
+    return path
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_methods_lists_name_family_knobs_and_training(capsys):
+    assert run("methods") == 0
+    out = capsys.readouterr().out
+    assert "topk" in out and "prune" in out and "keep = 0.9, 0.8, 0.7, 0.6, 0.5" in out
+    assert "needs training" in out
+
+
+def test_sweep_writes_one_row_per_configuration_and_resumes(tmp_path, checkpoint, capsys):
+    args = ["bench", "--method", "none,topk", "--keep", "0.7,0.5", "--checkpoint", checkpoint,
+            "--out", tmp_path, "--repeats", "1", "--batch-size", "8"]
+    assert run(*args) == 0
+    rows = read_results(tmp_path / "results.jsonl")
+    assert [(r["method"], r["knobs"]) for r in rows] == [("none", {}), ("topk", {"keep": 0.7}), ("topk", {"keep": 0.5})]
+    row = rows[1]
+    assert row["n_images"] == 540 and 0 <= row["top1"] <= row["top5"] <= 1
+    assert row["tokens_per_block"] == [65] * 3 + [46] * 3 + [33] * 3 + [24] * 3
+    assert row["gmacs"] < rows[0]["gmacs"] and row["gmacs_std"] == pytest.approx(0)
+    assert row["throughput"] > 0 and row["latency_ms"] > 0 and row["threads"] == torch.get_num_threads()
+    assert row["weights"].startswith("file:vit_digits_random.pt@sha256:")
+    prov = row["provenance"]
+    assert {"git_sha", "git_dirty", "torch", "timm", "device_name", "time_utc", "seed"} <= set(prov)
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert capsys.readouterr().out.count("already recorded") == 3
+    assert len(read_results(tmp_path / "results.jsonl")) == 3
+
+
+def test_accuracy_only_rows_are_completed_by_a_timed_run(tmp_path, checkpoint):
+    base = ["bench", "--method", "none", "--checkpoint", checkpoint, "--out", tmp_path, "--batch-size", "8"]
+    assert run(*base, "--no-timing") == 0
+    assert "throughput" not in read_results(tmp_path / "results.jsonl")[0]
+    assert run(*base, "--repeats", "1") == 0
+    rows = read_results(tmp_path / "results.jsonl")
+    assert len(rows) == 2 and rows[1]["throughput"] > 0 and rows[0]["cell_id"] == rows[1]["cell_id"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "nope"], "unknown method 'nope'; known methods: "),
+    (["--method", "topk", "--keep", "1.5"], "--keep 1.5 is outside (0, 1]"),
+    (["--method", "topk", "--keep", "0"], "--keep 0 is outside (0, 1]"),
+    (["--method", "topk", "--keep", "abc"], "--keep: 'abc' is not a valid float"),
+    (["--method", "none", "--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--method", "none", "--dataset", "no_such_data"], "unknown dataset 'no_such_data'; known datasets: "),
+    (["--method", "none", "--model", "resnet18"], "ResNet is not a timm VisionTransformer"),
+    (["--method", "none", "--checkpoint", "/nonexistent/w.pt"], "checkpoint not found: /nonexistent/w.pt"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert run("bench", *argv, "--out", out, "--no-timing") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("tokenbench bench: error: ")
+    assert not (out / "results.jsonl").exists()
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    assert run("bench", "--method", "none", "--checkpoint", bad, "--out", tmp_path / "o") == 2
+    assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
+
+
+def test_checkpoints_never_unpickle_code(tmp_path, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": "vit_digits", "state_dict": {}, "x": Payload()}, evil, pickle_module=pickle)
+    assert run("bench", "--method", "none", "--checkpoint", evil, "--out", tmp_path / "o") == 2
+    captured = capsys.readouterr()
+    assert "pwned" not in captured.out and "cannot read checkpoint" in captured.err
+
+
+def test_leaderboard_from_a_sweep(tmp_path, checkpoint, capsys):
+    assert run("bench", "--method", "none,topk,random", "--keep", "0.5", "--checkpoint", checkpoint,
+               "--out", tmp_path, "--repeats", "1", "--batch-size", "8") == 0
+    assert run("leaderboard", "--results", tmp_path) == 0
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert "| none" in text and "| topk" in text and "| random" in text and "speedup" in text
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 2 and pngs[0].endswith("_gmacs.png") and pngs[1].endswith("_throughput.png")
+
+
+def test_leaderboard_without_results_is_an_error(tmp_path, capsys):
+    assert run("leaderboard", "--results", tmp_path) == 2
+    assert "no results rows" in capsys.readouterr().err
+
+
+def test_rows_are_valid_json_lines(tmp_path, checkpoint):
+    run("bench", "--method", "none", "--checkpoint", checkpoint, "--out", tmp_path, "--no-timing")
+    for line in (tmp_path / "results.jsonl").read_text().splitlines():
+        assert isinstance(json.loads(line), dict)

@@ -1,0 +1,77 @@
+"""Every registered method, automatically: no-op equals dense, shapes, token counts, seeded determinism.
+
+Model-level methods (family early-exit, e.g. a cascade) are built on their own architectures, and methods
+with learned parts (DynamicViT's predictors) on a backbone trained with them; both carry their own
+equivalent checks. Every other method must accept any timm ViT.
+"""
+
+import pytest
+import torch
+
+from bench.ledger import measure_gmacs
+from bench.registry import all_methods, get_method
+
+BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
+
+
+def logits(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_registry_lists_the_issue_two_methods():
+    assert {"none", "topk", "random"} <= set(all_methods())
+    assert all_methods()["topk"].family == "prune"
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_noop_setting_reproduces_dense_logits(name, tiny_vit, digit_images):
+    method = get_method(name)
+    dense = logits(tiny_vit, digit_images)
+    torch.manual_seed(0)
+    out = logits(method.build(tiny_vit, **method.noop_knobs()), digit_images)
+    assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_default_sweep_shapes_and_token_counts(name, tiny_vit, digit_images):
+    method = get_method(name)
+    dense = measure_gmacs(get_method("none").build(tiny_vit), digit_images)
+    for knobs in method.sweep_points():
+        torch.manual_seed(0)
+        model = method.build(tiny_vit, **knobs)
+        ledger = measure_gmacs(model, digit_images)
+        out = logits(model, digit_images)
+        assert out.shape == (4, 10) and torch.isfinite(out).all()
+        tokens = ledger.tokens_per_block()
+        assert tokens.shape == (4, len(tiny_vit.blocks))
+        assert (tokens <= 65).all() and (tokens >= 1).all()
+        assert (ledger.gmacs <= dense.gmacs + 1e-6).all(), knobs
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_same_seed_same_output(name, tiny_vit, digit_images):
+    method = get_method(name)
+    knobs = method.sweep_points()[len(method.sweep_points()) // 2]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(logits(method.build(tiny_vit, **knobs), digit_images))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_random_differs_from_topk_and_across_seeds(tiny_vit, digit_images):
+    torch.manual_seed(0)
+    a = logits(get_method("random").build(tiny_vit, keep=0.5), digit_images)
+    torch.manual_seed(1)
+    b = logits(get_method("random").build(tiny_vit, keep=0.5), digit_images)
+    c = logits(get_method("topk").build(tiny_vit, keep=0.5), digit_images)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_wrapping_leaves_the_model_untouched(tiny_vit, digit_images):
+    before = logits(tiny_vit, digit_images)
+    reduced = get_method("topk").build(tiny_vit, keep=0.5)
+    logits(reduced, digit_images)
+    assert torch.equal(logits(tiny_vit, digit_images), before)
+    assert reduced.vit is tiny_vit  # weights are shared, not copied

@@ -1,0 +1,34 @@
+"""Results storage: whole lines only, torn lines ignored and repaired, stable configuration ids."""
+
+import json
+
+from bench.results import append_result, cell_id, read_results
+
+
+def test_append_and_read_back(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"a": 1})
+    append_result(path, {"a": 2})
+    assert read_results(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_torn_last_line_is_ignored_then_cut_before_the_next_append(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"a": 1})
+    with open(path, "a") as f:
+        f.write('{"a": 2, "half')  # what a crash mid-write could leave
+    assert read_results(path) == [{"a": 1}]
+    append_result(path, {"a": 3})
+    assert read_results(path) == [{"a": 1}, {"a": 3}]
+    assert path.read_text().count("\n") == 2 and "half" not in path.read_text()
+
+
+def test_cell_id_is_stable_and_key_order_free():
+    a = {"method": "topk", "knobs": {"keep": 0.7}, "model": "m"}
+    b = json.loads(json.dumps({"model": "m", "knobs": {"keep": 0.7}, "method": "topk"}))
+    assert cell_id(a) == cell_id(b) and len(cell_id(a)) == 16
+    assert cell_id(a) != cell_id({**a, "knobs": {"keep": 0.5}})
+
+
+def test_missing_file_reads_as_empty(tmp_path):
+    assert read_results(tmp_path / "none.jsonl") == []
