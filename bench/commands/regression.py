@@ -25,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--part", default="all", choices=["all", "exact", "speed"], help="which part to run")
     p.add_argument("--tolerance", type=float, default=reg.TOLERANCE,
                    help=f"speed: fail below (1 - T) x the baseline speedup (default {reg.TOLERANCE})")
-    p.add_argument("--pairs", type=int, default=reg.SpeedSetup.pairs, help="speed: interleaved timing pairs per method")
+    p.add_argument("--pairs", type=int, default=reg.SpeedSetup.pairs, help="speed: interleaved timing pairs per method (default %(default)s)")
     p.add_argument("--snapshot", type=Path, default=reg.SNAPSHOT_FILE, help="snapshot JSON (default: %(default)s)")
     p.add_argument("--baseline", type=Path, default=reg.BASELINE_FILE, help="speed baseline JSON (default: %(default)s)")
     return p
@@ -54,6 +54,9 @@ def exact_part(methods, path: Path, update: bool) -> bool:
     if diff:
         print(f"exact: FAILED, {len(diff)} value(s) differ from {path}:")
         print(tabulate(diff, headers=["model", "method", "knobs", "field", "snapshot", "now"]))
+        if stored.get("torch") != torch.__version__:
+            print(f"The snapshot was recorded with torch {stored.get('torch')}, this is {torch.__version__}: seeded "
+                  "random weights may differ, which moves the counts of data-dependent methods (ats).")
         print(f"If the change is intended, run `{reg.UPDATE_COMMAND} --part exact` and commit the snapshot.")
         return False
     points = sum(len(p) for m in actual.values() for p in m.values())
