@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.registry import BenchError
+from bench.registry import BenchError, all_methods, get_method
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt"}
@@ -78,6 +78,8 @@ def _state_dict(obj: dict) -> dict:
 
 def create(name: str, **kwargs) -> nn.Module:
     if not timm.is_model(name):
+        all_methods()  # method plugins may register their own architectures (dvt_digits)
+    if not timm.is_model(name):
         raise BenchError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
     return timm.create_model(name, **kwargs)
 
@@ -100,6 +102,9 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
         if head is not None:
             kwargs["num_classes"] = head.shape[0]
         model = create(name, **kwargs)
+        trained_with = obj.get("meta", {}).get("trained_with")
+        if trained_with:
+            get_method(trained_with).attach(model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BenchError(f"checkpoint {checkpoint} does not fit {name}: "

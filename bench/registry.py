@@ -63,6 +63,7 @@ class Method:
     family: ClassVar[str]
     knobs: ClassVar[tuple[Knob, ...]] = ()
     needs_training: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False  # build() takes calibration=(images, labels) of a held-out split
     summary: ClassVar[str] = ""
 
     def build(self, model: nn.Module, **knobs: Any) -> nn.Module:
@@ -72,6 +73,17 @@ class Method:
     def checkpoint_for(self, model_name: str, dataset: str):
         """Trained weights shipped for this method on (model, dataset), or None. Only for `needs_training`."""
         return None
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Add the method's learned modules to `model` (DynamicViT's predictors), so its checkpoints load."""
+        return model
+
+    def training_loss(self, model: nn.Module, **knobs: Any):
+        """(module to train, loss_fn(module, images, labels, label_smoothing) or None for cross-entropy).
+
+        The default fine-tunes the backbone with the method in place at `knobs`; the module shares its weights.
+        """
+        return self.build(model, **knobs), None
 
     @classmethod
     def noop_knobs(cls) -> dict[str, Any]:

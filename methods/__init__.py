@@ -1,3 +1,3 @@
 """Built-in method plugins: each module registers one method with `bench.registry.register_method`."""
 
-from methods import ats, evit, none, random_drop, tome, topk  # noqa: F401
+from methods import ats, dvt, dynamicvit, evit, none, random_drop, tome, topk  # noqa: F401

@@ -94,6 +94,12 @@ def run(args):
     ds = data.build_dataset(args.dataset, args.split, data.eval_transform(backbone.model), args.data_root)
     images, labels = preload(ds.dataset)
     timing_images = timing_batch(images, batch_size).to(device)
+    calibration = None
+    if any(m.needs_calibration for m in methods.values()):
+        if args.split == "val":
+            raise BenchError("methods that calibrate on the val split (dvt) must be measured on another --split")
+        calibration = preload(data.build_dataset(args.dataset, "val", data.eval_transform(backbone.model),
+                                                 args.data_root).dataset)
     env = results.provenance(device, args.seed)
 
     plan = []
@@ -125,10 +131,12 @@ def run(args):
             print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: already recorded, skipped")
             continue
         torch.manual_seed(args.seed)
-        model = method.build(loaded.model, **knobs).to(device).eval()
+        extra = {"calibration": calibration} if method.needs_calibration else {}
+        model = method.build(loaded.model, **knobs, **extra).to(device).eval()
         evaluation = measure.evaluate(model, batches(images, labels, batch_size), device, args.dtype)
         row = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
                "n_unreadable": ds.unreadable, "params": measure.parameter_count(model),
+               "trained_with": loaded.meta.get("trained_with"),
                **evaluation.summary(), "provenance": env}
         if not args.no_timing:
             tp = measure.throughput(model, timing_images, device, args.dtype, repeats=args.repeats,

@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from bench import data, models
-from bench.registry import BenchError
+from bench.registry import BenchError, get_method, knob_by_name
 from bench.train import TrainConfig, accuracy, train
+
+REUSE = {"both": (True, True), "feature": (True, False), "relation": (False, True), "none": (False, False)}
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a model on a dataset and save a tokenbench checkpoint")
+    p = sub.add_parser("train", help="train a model on a dataset (or fine-tune one with a method) and save a checkpoint")
     p.add_argument("--model", default="vit_digits", help="timm model name (default: vit_digits)")
+    p.add_argument("--method", default=None,
+                   help="train with this method in place: its own loss (dvt, dynamicvit) or plain fine-tuning")
+    p.add_argument("--init", default=None, help="checkpoint to start from (its model replaces --model)")
+    p.add_argument("--reuse", default="both", choices=list(REUSE),
+                   help="dvt only: which reuse paths the cascade has (the paper's ablation)")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu")
+    for knob in knob_by_name().values():
+        p.add_argument(f"--{knob.name}", default=None, type=knob.parse, metavar="V",
+                       help=f"with --method: knob '{knob.name}' while training (default: the middle of its sweep)")
     return p
 
 
 def augmenting(eval_tf):
     """Light geometric augmentation in front of the model's eval transform."""
     return transforms.Compose([transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), eval_tf])
+
+
+def method_knobs(method, args) -> dict:
+    """The knobs `method.training_loss` takes: as given, else its own default, else the middle of the sweep."""
+    params = inspect.signature(method.training_loss).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    knobs = {}
+    for k in method.knobs:
+        if k.name not in params and not takes_all:
+            continue
+        given, default = getattr(args, k.name), params[k.name].default if k.name in params else inspect.Parameter.empty
+        knobs[k.name] = given if given is not None else (
+            default if default is not inspect.Parameter.empty else sorted(k.sweep)[len(k.sweep) // 2])
+    return knobs
 
 
 def run(args):
@@ -38,22 +65,44 @@ def run(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     probe = data.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
-    model = models.create(args.model, num_classes=probe.num_classes)
+    if args.init:
+        loaded = models.load_model(checkpoint=args.init)
+        model, name = loaded.model, loaded.name
+        model_kwargs = dict(models.read_checkpoint(args.init).get("model_kwargs", {}))
+    else:
+        name = args.model
+        model_kwargs = {}
+        if args.method == "dvt":
+            model_kwargs = dict(zip(("feature_reuse", "relation_reuse"), REUSE[args.reuse]))
+        model = models.create(name, num_classes=probe.num_classes, **model_kwargs)
+    method = get_method(args.method) if args.method else None
+    knobs = method_knobs(method, args) if method else {}
+    trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
     eval_tf = data.eval_transform(model)
     train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf), args.data_root).dataset
     val_loader = DataLoader(data.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
     test_loader = DataLoader(data.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    history = train(model, train_set, cfg, val_loader=val_loader, device=args.device)
-    test_top1 = accuracy(model, test_loader, args.device)
-    command = (f"tokenbench train --model {args.model} --dataset {args.dataset} --epochs {args.epochs} "
-               f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} --out {args.out}")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      warmup_epochs=args.warmup_epochs)
+    loss_fn = None if loss is None else (lambda m, x, y: loss(m, x, y, cfg.label_smoothing))
+    history = train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device)
+    test_top1 = accuracy(trainee, test_loader, args.device)
+    start = ["--init", args.init] if args.init else ["--model", name]
+    with_method = ["--method", args.method] if args.method else []
+    if args.method == "dvt" and not args.init:
+        with_method += ["--reuse", args.reuse]
+    command = " ".join(["tokenbench train", *start, *with_method, *(f"--{k} {v:g}" for k, v in knobs.items()),
+                        f"--dataset {args.dataset}", *(["--data-root", args.data_root] if args.data_root else []),
+                        f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
+                        f"--warmup-epochs {args.warmup_epochs:g} --seed {args.seed} --out {args.out}"])
     meta = {
         "command": command,
         "dataset": args.dataset, "test_top1": test_top1, "val_top1": history[-1].get("val_top1"),
         "epochs": args.epochs, "seed": args.seed, "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
+        "torch": str(torch.__version__), "history": history,
     }
-    models.save_checkpoint(args.out, model.cpu(), args.model, meta)
+    if method is not None:
+        meta.update(trained_with=args.method, knobs=knobs, init=args.init)
+    models.save_checkpoint(args.out, model.cpu(), name, meta, model_kwargs)
     print(f"test top-1 {test_top1:.4f}; wrote {args.out}")
     return 0

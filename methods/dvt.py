@@ -1,0 +1,394 @@
+"""DVT: a cascade of ViTs on growing token grids that stops at the first confident exit.
+
+Each stage is a timm ViT of the same width with its own weights and classifier, on a finer token grid
+than the last (DeiT-S at 224: 7x7, 10x10, 14x14 tokens; the 10x10 grid needs a padded k=23 stride-23
+patch conv). Downstream stages reuse the previous stage's work: *feature reuse* turns its final patch
+tokens (before the final norm) into a narrow context embedding, one LayerNorm-MLP per downstream block,
+upsampled to the new grid and concatenated into that block's MLP input (the class token gets zeros);
+*relationship reuse* mixes the pre-softmax attention logits of all upstream layers with 1x1 convs,
+upsamples them and adds one chunk to each downstream layer's logits. Training sums cross-entropy over
+all exits. At inference an image leaves at the first exit whose max softmax reaches that exit's
+threshold (the last exit always answers); only images still running go on. Thresholds maximise
+accuracy under a GMACs budget on a held-out split.
+Wang et al., "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image
+Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Transformer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from bench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs, linear_macs_per_token,
+                          norm_macs_per_token)
+from bench.registry import BenchError, Knob, Method, register_method
+from bench.tokens import run_attention
+
+
+class PaddedPatchEmbed(PatchEmbed):
+    """A patch conv with symmetric zero padding, so grids that do not divide the image still cover it."""
+
+    def __init__(self, *args, padding: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.patch_size[0]
+        self.proj = nn.Conv2d(self.proj.in_channels, self.proj.out_channels, k, stride=k, padding=padding)
+        self.grid_size = tuple((s + 2 * padding - k) // k + 1 for s in self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+
+@dataclass
+class Context:
+    """What a stage hands to the next: final tokens before the norm, and its layers' attention logits."""
+
+    features: torch.Tensor  # [B, 1 + g*g, C]
+    logits: torch.Tensor | None  # [B, L*H, 1 + g*g, 1 + g*g], pre-softmax, or None
+
+    def select(self, index: torch.Tensor) -> "Context":
+        return Context(self.features[index], None if self.logits is None else self.logits[index])
+
+
+def upsample_grid(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Resample the patch axis `dim` of `t` (g*g tokens) to size*size: nearest-upsample, then average-pool.
+
+    As the official code: nearest by an integer factor to at least `size` (7 -> 14 -> 10, 10 -> 20 -> 14),
+    then adaptive average pooling to the target grid.
+    """
+    t = t.movedim(dim, -1)
+    g = math.isqrt(t.shape[-1])
+    lead = t.shape[:-1]
+    grid = t.reshape(-1, 1, g, g)
+    grid = F.interpolate(grid, scale_factor=math.ceil(size / g), mode="nearest")
+    grid = F.adaptive_avg_pool2d(grid, size)
+    return grid.reshape(*lead, size * size).movedim(-1, dim)
+
+
+class Stage(nn.Module):
+    """One exit of the cascade: a timm ViT, optionally reusing the previous stage's features and relations."""
+
+    def __init__(self, vit: VisionTransformer, upstream: "Stage | None" = None, feature_reuse: bool = False,
+                 relation_reuse: bool = False, reuse_hidden: int = 128, reuse_dim: int = 48):
+        super().__init__()
+        self.vit = vit
+        self.grid = vit.patch_embed.grid_size[0]
+        self.export_logits = False  # set by the cascade when the next stage reuses relations
+        dim = vit.embed_dim
+        self.feature_embed = None
+        self.relation = None
+        if upstream is not None and feature_reuse:
+            # Per block, its own LN-MLP to a narrow embedding, and an MLP whose input is widened to take it.
+            self.feature_embed = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(upstream.vit.embed_dim), Mlp(upstream.vit.embed_dim, reuse_hidden, reuse_dim))
+                for _ in vit.blocks)
+            for blk in vit.blocks:
+                hidden = blk.mlp.fc1.out_features
+                blk.norm2 = nn.LayerNorm(dim + reuse_dim)
+                blk.mlp = Mlp(dim + reuse_dim, hidden, dim)
+        if upstream is not None and relation_reuse:
+            up = len(upstream.vit.blocks) * upstream.vit.blocks[0].attn.num_heads
+            here = len(vit.blocks) * vit.blocks[0].attn.num_heads
+            self.relation = nn.Sequential(nn.Conv2d(up, 3 * up, 1), nn.GELU(), nn.Conv2d(3 * up, here, 1))
+            upstream.export_logits = True
+        self.costs = [BlockCost.of(blk) for blk in vit.blocks]
+        self._fixed_macs = embed_macs(vit.patch_embed) + linear_macs_per_token(vit.head) + norm_macs_per_token(vit.fc_norm)
+
+    def reuse_macs(self, n_up: int) -> tuple[int, int]:
+        """(MACs, norm part) of the reuse modules for an upstream stage of `n_up` tokens (resampling counts nothing)."""
+        macs = norm = 0
+        if self.feature_embed is not None:
+            norm = norm_macs_per_token(self.feature_embed) * (n_up - 1)
+            macs += linear_macs_per_token(self.feature_embed) * (n_up - 1) + norm
+        if self.relation is not None:
+            macs += sum(m.weight.numel() for m in self.relation if isinstance(m, nn.Conv2d)) * n_up * n_up
+        return macs, norm
+
+    def _features(self, context: Context) -> list[torch.Tensor]:
+        patches = context.features[:, 1:]
+        out = []
+        for embed in self.feature_embed:
+            e = upsample_grid(embed(patches), self.grid, dim=1)
+            out.append(torch.cat([e.new_zeros(e.shape[0], 1, e.shape[2]), e], dim=1))
+        return out
+
+    def _relations(self, context: Context) -> torch.Tensor:
+        """[L, B, H, N, N] attention-logit offsets, one per layer of this stage."""
+        r = self.relation(context.logits)
+        cls_cls, cls_row = r[..., :1, :1], upsample_grid(r[..., :1, 1:], self.grid, dim=-1)
+        col = upsample_grid(r[..., 1:, :1], self.grid, dim=-2)
+        patches = upsample_grid(upsample_grid(r[..., 1:, 1:], self.grid, dim=-1), self.grid, dim=-2)
+        r = torch.cat([torch.cat([cls_cls, cls_row], -1), torch.cat([col, patches], -1)], -2)
+        B, _, N, _ = r.shape
+        heads = self.vit.blocks[0].attn.num_heads
+        return r.reshape(B, len(self.vit.blocks), heads, N, N).transpose(0, 1)
+
+    def forward(self, images: torch.Tensor, context: Context | None = None) -> tuple[torch.Tensor, Context]:
+        vit = self.vit
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+        n = x.shape[1]
+        features = self._features(context) if self.feature_embed is not None and context is not None else None
+        relations = self._relations(context) if self.relation is not None and context is not None else None
+        needs = frozenset({"logits"}) if self.export_logits else frozenset()
+        logits = []
+        ledger = active_ledger()
+        for i, blk in enumerate(vit.blocks):
+            bias = None if relations is None else relations[i]
+            attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs)
+            x = x + blk.drop_path1(blk.ls1(attn_out))
+            h = x if features is None else torch.cat([x, features[i]], dim=-1)
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+            if self.export_logits:
+                logits.append(info.logits)
+            if ledger is not None:
+                ledger.add_block(self.costs[i], n, n)
+        out = Context(x, torch.cat(logits, dim=1) if logits else None)
+        if ledger is not None:
+            final_norm = norm_macs_per_token(vit.norm) * n
+            ledger.add(self._fixed_macs + final_norm, final_norm)
+            if context is not None:
+                ledger.add(*self.reuse_macs(context.features.shape[1]))
+        return vit.forward_head(vit.norm(x)), out
+
+
+class DVTCascade(nn.Module):
+    """The stages in order. `forward` runs them all and answers with the last exit (no early exit)."""
+
+    def __init__(self, stages: list[Stage], feature_reuse: bool, relation_reuse: bool):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.feature_reuse, self.relation_reuse = feature_reuse, relation_reuse
+        self.num_classes = stages[-1].vit.num_classes
+        self.pretrained_cfg = self.default_cfg = stages[-1].vit.pretrained_cfg
+
+    def forward_exits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The logits of every exit (training and calibration)."""
+        outputs, context = [], None
+        for stage in self.stages:
+            logits, context = stage(images, context)
+            outputs.append(logits)
+        return outputs
+
+    def forward(self, images: torch.Tensor, thresholds=None) -> torch.Tensor:
+        """Early exit: an image leaves at the first exit whose max softmax >= its threshold.
+
+        `thresholds` has one value per exit but the last (which always answers); None runs every stage.
+        Only the images still running go to the next stage; the ledger records each image's own stages.
+        """
+        ledger = active_ledger()
+        last = len(self.stages) - 1
+        out = None
+        running = torch.arange(images.shape[0], device=images.device)
+        context = None
+        if ledger is not None:
+            for k in range(len(self.stages)):
+                ledger.note(f"exit_{k + 1}", 0.0)
+        for k, stage in enumerate(self.stages):
+            with ledger.rows(running) if ledger is not None else contextlib.nullcontext():
+                logits, context = stage(images[running], context)
+                if k == last or thresholds is None:
+                    leave = torch.full_like(running, k == last, dtype=torch.bool)
+                else:
+                    leave = logits.float().softmax(-1).amax(-1) >= thresholds[k]
+                if ledger is not None:
+                    ledger.note(f"exit_{k + 1}", leave)
+            if out is None:
+                out = logits.new_zeros(images.shape[0], logits.shape[1])
+            out[running[leave]] = logits[leave]
+            running, context = running[~leave], context.select(~leave)
+            if running.numel() == 0:
+                break
+        return out
+
+    @torch.inference_mode()
+    def exit_gmacs(self, image: torch.Tensor) -> np.ndarray:
+        """Cumulative GMACs of answering at each exit (stages 1..k with their reuse), from the ledger."""
+        costs, context = [], None
+        with CostLedger(1) as ledger:
+            for stage in self.stages:
+                _, context = stage(image[:1], context)
+                costs.append(ledger.gmacs.item())
+        return np.array(costs)
+
+
+class EarlyExitDVT(nn.Module):
+    """A cascade with fixed exit thresholds: what the harness measures."""
+
+    def __init__(self, cascade: DVTCascade, thresholds):
+        super().__init__()
+        self.cascade = cascade
+        self.thresholds = [float(t) for t in thresholds]
+
+    def forward(self, images):
+        return self.cascade(images, self.thresholds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Thresholds under a budget
+
+
+def exit_choice(confidence: np.ndarray, thresholds) -> np.ndarray:
+    """[n] index of the exit each image leaves at, from [K, n] max-softmax confidences."""
+    K = confidence.shape[0]
+    leaves = np.vstack([confidence[:-1] >= np.asarray(thresholds)[:, None], np.ones((1, confidence.shape[1]), bool)])
+    return leaves.argmax(0) if K > 1 else np.zeros(confidence.shape[1], int)
+
+
+def proportion_thresholds(confidence: np.ndarray, q: float) -> np.ndarray:
+    """The paper's family: exit proportions pi_k ~ q^k; each threshold lets floor(n pi_k) running images leave."""
+    K, n = confidence.shape
+    share = q ** np.arange(1, K + 1, dtype=float)
+    share /= share.sum()
+    running = np.ones(n, bool)
+    thresholds = []
+    for k in range(K - 1):
+        count = int(np.floor(n * share[k]))
+        conf = np.sort(confidence[k, running])[::-1]
+        t = conf[count - 1] if count > 0 else np.inf
+        thresholds.append(t)
+        running &= confidence[k] < t
+    return np.array(thresholds)
+
+
+def search_thresholds(confidence: np.ndarray, correct: np.ndarray, exit_costs: np.ndarray, budget: float,
+                      seed: int = 0) -> np.ndarray:
+    """Thresholds maximising accuracy with mean cost <= `budget` on the held-out images.
+
+    Starts from the best feasible point of the paper's one-parameter family (pi_k ~ q^k), then
+    refines all thresholds at once with scipy's differential evolution (the paper used a genetic
+    search); among equal accuracies, lower cost wins.
+    """
+    from scipy.optimize import differential_evolution
+
+    K, n = confidence.shape
+    if budget < exit_costs[0] - 1e-12:
+        raise BenchError(f"budget {budget:.4g} GMACs is below the first exit's cost ({exit_costs[0]:.4g} GMACs)")
+    cols = np.arange(n)
+
+    def score(t):
+        k = exit_choice(confidence, t)
+        return correct[k, cols].mean(), exit_costs[k].mean()
+
+    def objective(t):
+        acc, cost = score(t)
+        return -acc + 1e-3 * cost / exit_costs[-1] + 10.0 * max(0.0, cost - budget) / exit_costs[-1]
+
+    candidates = [np.zeros(K - 1)]  # everyone leaves at exit 1: feasible, since budget >= its cost
+    candidates += [np.clip(proportion_thresholds(confidence, q), 0, 1) for q in np.geomspace(0.05, 20, 40)]
+    feasible = [t for t in candidates if score(t)[1] <= budget + 1e-12]
+    start = min(feasible, key=objective)
+    result = differential_evolution(objective, [(0.0, 1.0)] * (K - 1), x0=start, seed=seed, maxiter=60,
+                                    popsize=20, tol=0, polish=False)
+    best = result.x if score(result.x)[1] <= budget + 1e-12 and result.fun <= objective(start) else start
+    return np.asarray(best, dtype=float)
+
+
+@torch.inference_mode()
+def exit_outputs(cascade: DVTCascade, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
+    """[K, n] max-softmax confidence and correctness of every exit on held-out images."""
+    conf, correct = [], []
+    cascade.eval()
+    for i in range(0, len(labels), batch_size):
+        probs = torch.stack(cascade.forward_exits(images[i:i + batch_size])).float().softmax(-1)
+        top, pred = probs.max(-1)
+        conf.append(top)
+        correct.append(pred == labels[i:i + batch_size])
+    return torch.cat(conf, 1).numpy(), torch.cat(correct, 1).numpy()
+
+
+@register_method
+class DVT(Method):
+    name = "dvt"
+    family = "early-exit"
+    needs_training = True
+    needs_calibration = True
+    knobs = (Knob("budget", (0.3, 0.4, 0.5, 0.6, 0.8, 1.0), noop=1.0, low=0.0, high=1.0,
+                  help="DVT: mean GMACs allowed on the held-out split, as a fraction of running every exit "
+                       "(1 = no early exit)"),)
+    summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
+
+    def build(self, model, budget=1.0, calibration=None):
+        if not isinstance(model, DVTCascade):
+            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+        if budget >= 1.0:
+            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1))
+        if calibration is None:
+            raise BenchError("dvt needs a held-out split to choose its exit thresholds")
+        images, labels = calibration
+        costs = model.exit_gmacs(images[:1])
+        confidence, correct = exit_outputs(model, images, labels)
+        thresholds = search_thresholds(confidence, correct, costs, budget * costs[-1])
+        return EarlyExitDVT(model, thresholds)
+
+    def checkpoint_for(self, model_name, dataset):
+        from bench.models import ASSETS
+
+        path = ASSETS / "dvt_digits.pt"
+        return path if dataset == "digits" and model_name in ("vit_digits", "dvt_digits") and path.exists() else None
+
+    def training_loss(self, model):
+        """The paper's loss: cross-entropy summed over all exits."""
+        if not isinstance(model, DVTCascade):
+            raise BenchError("dvt trains a cascade: pass --model dvt_digits (or dvt_deit_small)")
+
+        def loss(m, images, labels, label_smoothing=0.0):
+            return sum(F.cross_entropy(out, labels, label_smoothing=label_smoothing) for out in m.forward_exits(images))
+        return model, loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Architectures
+
+
+def build_cascade(grids: list[dict], feature_reuse: bool, relation_reuse: bool, reuse_hidden: int, reuse_dim: int,
+                  cfg_name: str, **vit_args) -> DVTCascade:
+    """Stages of the same width with their own weights; `grids` gives each stage's patch size and padding."""
+    from timm.models import build_model_with_cfg
+
+    stages, upstream = [], None
+    for g in grids:
+        embed = partial(PaddedPatchEmbed, padding=g.get("padding", 0))
+        vit = build_model_with_cfg(VisionTransformer, cfg_name, False, patch_size=g["patch"], embed_layer=embed,
+                                   **vit_args)
+        stage = Stage(vit, upstream, feature_reuse, relation_reuse, reuse_hidden, reuse_dim)
+        stages.append(stage)
+        upstream = stage
+    return DVTCascade(stages, feature_reuse, relation_reuse)
+
+
+default_cfgs = generate_default_cfgs({
+    "dvt_digits.tokenbench": dict(
+        input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center",
+        interpolation="bilinear", num_classes=10, first_conv="stages.0.vit.patch_embed.proj", classifier="head",
+        license="apache-2.0"),
+    "dvt_deit_small.untrained": dict(
+        input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
+        num_classes=1000, first_conv="stages.0.vit.patch_embed.proj", classifier="head", license="apache-2.0"),
+})
+
+
+@register_model
+def dvt_deit_small(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """The paper's DeiT-S cascade at 224: 7x7 (patch 32), 10x10 (k=23 stride 23, padding 3), 14x14 (patch 16)."""
+    if pretrained:
+        raise BenchError("no pretrained DVT weights are available offline; train with tokenbench train --method dvt")
+    grids = [{"patch": 32}, {"patch": 23, "padding": 3}, {"patch": 16}]
+    args = dict(img_size=224, embed_dim=384, depth=12, num_heads=6, num_classes=1000)
+    return build_cascade(grids, feature_reuse, relation_reuse, 128, 48, "dvt_deit_small", **dict(args, **kwargs))
+
+
+@register_model
+def dvt_digits(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """The embedded default: three 4-block ViTs (dim 64, 2 heads) on 32x32 digits at 4x4, 6x6, 8x8 tokens."""
+    if pretrained:
+        raise BenchError("dvt_digits weights ship as bench/assets/dvt_digits.pt; load them with --checkpoint")
+    grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
+    args = dict(img_size=32, embed_dim=64, depth=4, num_heads=2, num_classes=10)
+    return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_digits", **dict(args, **kwargs))
