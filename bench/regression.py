@@ -114,7 +114,8 @@ def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int
             backbone = random_model(model_name)
             images = random_images(backbone, batch)
             out[model_name] = {
-                name: {point_label(knobs): snapshot_entry(cls(), backbone, images, knobs) for knobs in cls.sweep_points()}
+                name: {point_label(knobs): snapshot_entry(cls(), backbone, images, knobs)
+                       for knobs in cls.sweep_points()}
                 for name, cls in methods.items()}
     return out
 

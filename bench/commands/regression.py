@@ -18,16 +18,19 @@ from bench.registry import BenchError, all_methods
 
 
 def add_parser(sub):
-    p = sub.add_parser("regression", help="check every method's tokens/GMACs snapshot and speedup against the baselines")
+    p = sub.add_parser("regression", help="check each method's tokens/GMACs snapshot and speedup against the baselines")
     p.add_argument("--update", action="store_true",
                    help="rewrite the snapshot and this device's speed baseline instead of checking them")
     p.add_argument("--methods", default=None, metavar="A,B", help="only these methods (default: every registered one)")
     p.add_argument("--part", default="all", choices=["all", "exact", "speed"], help="which part to run")
     p.add_argument("--tolerance", type=float, default=reg.TOLERANCE,
                    help=f"speed: fail below (1 - T) x the baseline speedup (default {reg.TOLERANCE})")
-    p.add_argument("--pairs", type=int, default=reg.SpeedSetup.pairs, help="speed: interleaved timing pairs per method (default %(default)s)")
-    p.add_argument("--snapshot", type=Path, default=reg.SNAPSHOT_FILE, help="snapshot JSON (default: %(default)s)")
-    p.add_argument("--baseline", type=Path, default=reg.BASELINE_FILE, help="speed baseline JSON (default: %(default)s)")
+    p.add_argument("--pairs", type=int, default=reg.SpeedSetup.pairs,
+                   help="speed: interleaved timing pairs per method (default %(default)s)")
+    p.add_argument("--snapshot", type=Path, default=reg.SNAPSHOT_FILE,
+                   help="snapshot JSON (default: results/regression/snapshot.json)")
+    p.add_argument("--baseline", type=Path, default=reg.BASELINE_FILE,
+                   help="speed baseline JSON (default: results/regression/speed-baseline.json)")
     return p
 
 
