@@ -30,6 +30,8 @@ class DatasetInfo:
     split: str
     num_classes: int
     unreadable: int = 0  # images that could not be decoded and were left out
+    missing: int = 0  # listed files that are not there (videos lost to YouTube attrition)
+    views: int = 1  # views per item (video clips x crops): items are [views, ...] when more than one
 
 
 def register_dataset(name: str):
@@ -51,10 +53,16 @@ def build_dataset(name: str, split: str, transform: Callable, root: str | None =
     return _DATASETS[name](split=split, transform=transform, root=root, **options)
 
 
-def eval_transform(model: torch.nn.Module):
-    """The model's eval preprocessing, from its pretrained config."""
+def eval_transform(model: torch.nn.Module, protocol: str | None = None):
+    """The model's eval preprocessing, from its pretrained config; video models sample views by `protocol`."""
     from timm.data import create_transform, resolve_data_config
 
+    from bench import video, video_data
+
+    if isinstance(model, video.VideoVisionTransformer):
+        return video_data.eval_transform(model, protocol)
+    if protocol is not None:
+        raise BenchError("a video protocol applies to video models only")
     return create_transform(**resolve_data_config({}, model=model))
 
 
@@ -89,3 +97,6 @@ def digits_split(split: str):
 def digits(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     images, labels = digits_split(split)
     return DatasetInfo(ArrayImages(images, labels, transform), "digits", split, num_classes=10)
+
+
+from bench import video_data  # noqa: E402,F401  (registers moving-digits and kinetics400)

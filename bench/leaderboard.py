@@ -73,6 +73,13 @@ def settings_line(g: pd.DataFrame) -> str:
     bits += [f"torch {p['torch']}", f"timm {p['timm']}", f"git {str(p.get('git_sha'))[:10]}"
              + (" (dirty)" if p.get("git_dirty") else ""), f"{int(g['n_images'].iloc[-1])} images",
              f"measured {p['time_utc'][:10]}"]
+    last = g.iloc[-1]
+    if isinstance(last.get("protocol"), str):  # video: views per video, and what stands in for a class token
+        bits.append(f"video protocol {last['protocol']} ({int(last['views'])} views per video: GMACs are per "
+                    "video, img/s are clips per second)")
+        substitutes = g["cls_substitute"].dropna().unique() if "cls_substitute" in g else []
+        if len(substitutes):
+            bits.append(f"no class token: class-attention methods rank tokens by the {substitutes[0]}")
     return ", ".join(bits)
 
 

@@ -48,21 +48,29 @@ class Evaluation:
         }
 
 
-def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32") -> Evaluation:
-    """Top-1/top-5 and the ledger's per-image GMACs over `batches` of (images, labels)."""
+def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32", views: int = 1) -> Evaluation:
+    """Top-1/top-5 and the ledger's per-image GMACs over `batches` of (images, labels).
+
+    With `views` > 1 each item is [views, ...] (video clips x crops): its prediction is the mean of the
+    views' softmax (VideoMAE's test protocol) and its GMACs the sum over its views.
+    """
     model.eval()
     correct1 = correct5 = 0
     gmacs, matmul, tokens, notes = [], [], [], {}
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
-        with torch.inference_mode(), autocast(device, dtype), CostLedger(len(labels)) as ledger:
+        if views > 1:
+            images = images.flatten(0, 1)
+        with torch.inference_mode(), autocast(device, dtype), CostLedger(len(images)) as ledger:
             logits = model(images)
+        if views > 1:
+            logits = logits.float().softmax(dim=-1).view(len(labels), views, -1).mean(dim=1)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
-        gmacs.append(ledger.gmacs.numpy())
-        matmul.append(ledger.matmul_gmacs.numpy())
+        gmacs.append(ledger.gmacs.view(len(labels), views).sum(dim=1).numpy())
+        matmul.append(ledger.matmul_gmacs.view(len(labels), views).sum(dim=1).numpy())
         tokens.append(ledger.tokens_per_block().numpy())
         for name, values in ledger.notes.items():
             notes.setdefault(name, []).append(values.numpy())

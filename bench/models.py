@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from bench.registry import BenchError, all_methods, get_method
 
 ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt"}
+EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt", "vit_video_digits": ASSETS / "vit_video_digits.pt"}
 
 default_cfgs = generate_default_cfgs({
     "vit_digits.tokenbench": dict(
@@ -91,6 +91,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
         checkpoint, label = EMBEDDED_WEIGHTS[name], "embedded"
     else:
         label = "file"
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        return load_videomae_folder(Path(checkpoint))
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
         name = obj.get("model") if isinstance(obj.get("model"), str) else name
@@ -133,9 +135,20 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     return LoadedModel(model.eval(), name, weights, meta)
 
 
+def load_videomae_folder(folder: Path) -> LoadedModel:
+    """A Hugging Face VideoMAE classifier folder (config.json + safetensors), mapped onto our video ViT."""
+    model, config, files = video.load_videomae(folder)
+    digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    meta = {"source": "huggingface-videomae", "config": config.get("_name_or_path") or folder.name}
+    return LoadedModel(model, f"videomae:{folder.name}", f"file:{folder.name}@sha256:{digest[:12]}", meta)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, name: str, meta: dict, model_kwargs: dict | None = None):
     """Write a self-describing tokenbench checkpoint (tensors and plain data only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save({"model": name, "model_kwargs": model_kwargs or {}, "state_dict": state, "meta": meta}, path)
+
+
+from bench import video  # noqa: E402  (registers the video ViTs with timm)

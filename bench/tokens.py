@@ -29,9 +29,11 @@ class TokenState:
     `size` [B, N, 1]: how many input patches each token stands for (None: all ones).
     `mask` [B, N] bool: which tokens are real when images keep different numbers (None: all real).
     `source` [B, N, P]: which input patches each token stands for, kept only when `trace` is set.
+    `class_token`: False for models without one (VideoMAE), where `cls_attn` is a substitute (see `run_attention`).
     """
 
     prefix: int
+    class_token: bool = True
     size: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     source: torch.Tensor | None = None
@@ -47,7 +49,7 @@ class TokenState:
 class AttentionInfo:
     """What a reducer may ask the attention of its block to return."""
 
-    cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token)
+    cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token), or its substitute
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
@@ -88,16 +90,37 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None
     return bias
 
 
-def separate_cls_row(attn: nn.Module, needs: frozenset, selecting: bool) -> bool:
+CLS_SUBSTITUTE = "mean attention received"
+
+
+def substitutes_cls(needs: frozenset, state: TokenState | None) -> bool:
+    """Whether `cls_attn` is needed from a model without a class token, so a substitute stands in."""
+    return "cls_attn" in needs and state is not None and not state.class_token
+
+
+def separate_cls_row(attn: nn.Module, needs: frozenset, selecting: bool, state: TokenState | None = None) -> bool:
     """Whether `run_attention` computes the class token's attention as its own q_cls K^T row."""
-    return "cls_attn" in needs and (selecting or (attn.fused_attn and "logits" not in needs))
+    return ("cls_attn" in needs and not substitutes_cls(needs, state)
+            and (selecting or (attn.fused_attn and "logits" not in needs)))
 
 
-def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset, select=None):
+def mean_attention_received(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, H, N]: the attention each token receives, averaged over the (real) queries of [B, H, N, N] weights."""
+    if mask is None:
+        return weights.mean(dim=2)
+    real = mask[:, None, :, None].to(weights.dtype)
+    return (weights * real).sum(dim=2) / real.sum(dim=2)
+
+
+def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset, select=None,
+                  state: TokenState | None = None):
     """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps.
 
     `select(info)`, if given, returns [B, K] indices of the tokens to keep as queries, chosen from
     `info` before the rest of attention runs; the output then has those K tokens only.
+    A model without a class token (`state.class_token` False, e.g. VideoMAE) has no class-token row to
+    give as `cls_attn`; the substitute is the attention each token receives averaged over all queries,
+    which needs the full N x N map: it is computed once and also gives this block's output.
     """
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -108,8 +131,15 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
         info.keys = k
     if "values" in needs:
         info.values = v
-    separate = separate_cls_row(attn, needs, select is not None)
-    if separate:
+    separate = separate_cls_row(attn, needs, select is not None, state)
+    logits = weights = None
+    if substitutes_cls(needs, state):
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        weights = logits.softmax(dim=-1)
+        info.cls_attn = mean_attention_received(weights, state.mask)
+    elif separate:
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
@@ -118,17 +148,23 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
         info.query_index = select(info)
         q = q.gather(2, info.query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         x = gather_tokens(x, info.query_index)
-    if attn.fused_attn and "logits" not in needs:
+        if weights is not None:
+            rows = info.query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
+            logits, weights = logits.gather(2, rows), weights.gather(2, rows)
+    if weights is None and attn.fused_attn and "logits" not in needs:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        weights = attn.attn_drop(logits.softmax(dim=-1))
+        if weights is None:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            weights = attn.attn_drop(logits.softmax(dim=-1))
+            if "cls_attn" in needs and not separate:
+                info.cls_attn = weights[:, :, 0]
+        else:
+            weights = attn.attn_drop(weights)
         out = weights @ v
-        if "cls_attn" in needs and not separate:
-            info.cls_attn = weights[:, :, 0]
         info.logits = logits if "logits" in needs else None
     out = out.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim)
     out = attn.norm(out)
@@ -155,7 +191,7 @@ class ReducibleBlock(nn.Module):
         selecting = reducer is not None and reducer.selects_queries
         select = (lambda info: reducer.select(state, info)) if selecting else None
         bias = attention_bias(state, x.dtype)
-        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs, select)
+        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs, select, state)
         if selecting:
             x = gather_tokens(x, info.query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
@@ -165,8 +201,10 @@ class ReducibleBlock(nn.Module):
         if ledger is not None:
             n_out = state.valid_counts(x)
             ledger.add_block(self.cost, n_attn, n_out, n_out if selecting else None)
-            if separate_cls_row(blk.attn, needs, selecting):  # the extra q_cls K^T row
+            if separate_cls_row(blk.attn, needs, selecting, state):  # the extra q_cls K^T row
                 ledger.add(blk.attn.attn_dim * n_attn)
+            elif selecting and substitutes_cls(needs, state):  # Q K^T of the queries not kept
+                ledger.add(blk.attn.attn_dim * n_attn * (n_attn - n_out))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if state.mask is not None:
             x = x * state.mask[..., None]
@@ -210,16 +248,23 @@ class TokenReducedViT(nn.Module):
         self.last_state: TokenState | None = None
         self._embed_macs = embed_macs(vit.patch_embed)
         self._final_norm = norm_macs_per_token(vit.norm)
-        self._head_macs = linear_macs_per_token(vit.head) + norm_macs_per_token(vit.fc_norm)
+        self._head_norm = norm_macs_per_token(vit.fc_norm)  # average-pooling models (VideoMAE) norm the pool
+        self._head_macs = linear_macs_per_token(vit.head) + self._head_norm
 
     @property
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
 
+    @property
+    def cls_substitute(self) -> str | None:
+        """What stands in for class-token attention here (for the results row), or None if nothing does."""
+        needed = any(b.reducer is not None and "cls_attn" in b.reducer.needs for b in self.blocks)
+        return CLS_SUBSTITUTE if needed and self.vit.cls_token is None else None
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        state = TokenState(prefix=vit.num_prefix_tokens, trace=self.trace)
+        state = TokenState(prefix=vit.num_prefix_tokens, class_token=vit.cls_token is not None, trace=self.trace)
         if self.trace:
             patches = x.shape[1] - state.prefix
             eye = torch.eye(patches, device=x.device)
@@ -229,7 +274,7 @@ class TokenReducedViT(nn.Module):
         x = vit.norm(x)
         ledger = active_ledger()
         if ledger is not None:
-            ledger.add(self._embed_macs + self._head_macs, 0)
+            ledger.add(self._embed_macs + self._head_macs, self._head_norm)
             n = state.valid_counts(x)
             ledger.add(self._final_norm * n, self._final_norm * n)
         if self.trace:
