@@ -21,6 +21,7 @@ Two parts, both covering every registered method automatically:
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -92,9 +93,16 @@ def select_methods(names: list[str] | None) -> dict[str, type[Method]]:
 
 
 def snapshot_entry(method: Method, backbone: nn.Module, images: torch.Tensor, knobs: dict) -> dict:
-    """What one method computes at `knobs`: tokens per block and GMACs per image (ledger and FlopCounterMode)."""
+    """What one method computes at `knobs`: tokens per block and GMACs per image (ledger and FlopCounterMode).
+
+    A method that needs training gets fresh, seeded trainable parts (e.g. token predictors) on a copy of
+    the backbone through its own `training_loss` hook, so its compute is covered without trained weights.
+    """
     torch.manual_seed(SEED)
     try:
+        if method.needs_training:
+            backbone = copy.deepcopy(backbone)
+            method.training_loss(backbone)
         model = method.build(backbone, **knobs).eval()
     except BenchError as err:  # the method does not apply to this model (recorded, so a change shows)
         return {"error": str(err)}

@@ -173,3 +173,28 @@ def test_cli_exact_part_update_then_check_then_detect_an_edit(tmp_path, monkeypa
 def test_cli_rejects_unknown_methods(capsys):
     assert main(["regression", "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+class NeedsTrainedPart(TopK):
+    """A method that needs training: build() refuses a backbone its training hook has not prepared."""
+
+    needs_training = True
+
+    def training_loss(self, model, **knobs):
+        model.trained_part = True
+        return super().training_loss(model, **knobs)
+
+    def build(self, model, keep=1.0):
+        if not getattr(model, "trained_part", False):
+            raise reg.BenchError("needs its trained part")
+        return super().build(model, keep)
+
+
+def test_methods_that_need_training_are_snapshotted_with_fresh_parts_on_a_copy(tiny_vit):
+    images = reg.random_images(tiny_vit, 2)
+
+    entry = reg.snapshot_entry(NeedsTrainedPart(), tiny_vit, images, {"keep": 0.5})
+
+    assert entry["tokens"] == [65] * 4 + [33] * 3 + [17] * 3 + [9] * 2
+    assert entry == reg.snapshot_entry(TopK(), tiny_vit, images, {"keep": 0.5})
+    assert not hasattr(tiny_vit, "trained_part")  # the shared backbone is left as it was

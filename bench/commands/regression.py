@@ -56,7 +56,7 @@ def exact_part(methods, path: Path, update: bool) -> bool:
     diff = reg.compare_snapshots(stored["models"], actual)
     if diff:
         print(f"exact: FAILED, {len(diff)} value(s) differ from {path}:")
-        print(tabulate(diff, headers=["model", "method", "knobs", "field", "snapshot", "now"]))
+        print(tabulate(diff, headers=["model", "method", "knobs", "field", "snapshot", "now"], disable_numparse=True))
         if stored.get("torch") != torch.__version__:
             print(f"The snapshot was recorded with torch {stored.get('torch')}, this is {torch.__version__}: seeded "
                   "random weights may differ, which moves the counts of data-dependent methods (ats).")
@@ -103,7 +103,8 @@ def speed_part(methods, path: Path, update: bool, setup: reg.SpeedSetup, toleran
         report = reg.speed_gate(methods, other.get("methods", {}), None, setup, tolerance=None)
     if report.verdicts:
         print(tabulate([v.row() for v in report.verdicts],
-                       headers=["method", "knobs", "baseline", "now (median ± IQR)", "change", "status"]))
+                       headers=["method", "knobs", "baseline", "now (median ± IQR)", "change", "status"],
+                       disable_numparse=True))
     if report.inconclusive:
         reference = entry.get("calibration_s", float("nan")) if entry else float("nan")
         print("\n" + "!" * 100)
