@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "bench.commands.bench",
     "bench.commands.leaderboard",
     "bench.commands.train",
+    "bench.commands.dvt_ablation",
     "bench.commands.regression",
 ]
 

@@ -43,7 +43,7 @@ class Predictor(nn.Module):
 
     def macs_per_token(self) -> tuple[int, int]:
         norm = norm_macs_per_token(self)
-        return linear_macs_per_token(self) + norm + self.score[0].in_features // 2, norm  # + the global mean
+        return linear_macs_per_token(self) + norm, norm
 
 
 class PredictorReducer(TokenReducer):
@@ -103,8 +103,8 @@ class DynamicViT(Method):
         blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
         patches = model.patch_embed.num_patches
         decisions = [] if decisions is None else decisions
-        return TokenReducedViT(model, {b: PredictorReducer(predictors[s], s + 1, keep, patches, decisions)
-                                       for s, b in enumerate(blocks)})
+        reducers = {b: PredictorReducer(predictors[s], s + 1, keep, patches, decisions) for s, b in enumerate(blocks)}
+        return TokenReducedViT(model, reducers).train(model.training)  # a fresh module would train (Gumbel)
 
     def checkpoint_for(self, model_name, dataset):
         from bench.models import ASSETS

@@ -1,0 +1,44 @@
+"""Fine-tuning any registered method with `tokenbench train --method X --init CHECKPOINT`."""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench import models
+from bench.commands.train import method_knobs
+from bench.registry import get_method, knob_by_name
+
+
+def args_with(**given):
+    return argparse.Namespace(**{name: given.get(name) for name in knob_by_name()})
+
+
+def test_knobs_to_train_at():
+    assert method_knobs(get_method("evit"), args_with()) == {"keep": 0.7}  # the middle of its sweep
+    assert method_knobs(get_method("evit"), args_with(keep=0.5)) == {"keep": 0.5}
+    assert method_knobs(get_method("dynamicvit"), args_with()) == {"keep": 0.7}  # its own default (the paper's rho)
+    assert method_knobs(get_method("dvt"), args_with(budget=0.5)) == {}  # the budget only matters at inference
+
+
+def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit, digit_images):
+    trainee, loss = get_method("evit").training_loss(tiny_vit, keep=0.5)
+    assert loss is None and trainee.vit is tiny_vit
+    labels = torch.arange(4)
+    opt = torch.optim.AdamW(trainee.parameters(), lr=1e-3)
+    trainee.train()
+    losses = []
+    for _ in range(4):
+        value = F.cross_entropy(trainee(digit_images), labels)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < losses[0]
+    tiny_vit.eval()
+    path = tmp_path / "evit_ft.pt"
+    models.save_checkpoint(path, tiny_vit, "vit_digits", {"trained_with": "evit", "knobs": {"keep": 0.5}})
+    loaded = models.load_model(checkpoint=path)
+    assert loaded.meta["trained_with"] == "evit" and loaded.weights.startswith("file:evit_ft.pt")
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(digit_images), tiny_vit(digit_images))
