@@ -158,9 +158,11 @@ def compare_snapshots(expected: dict, actual: dict) -> list[list[str]]:
                 continue
             for point in sorted(set(points) | set(known[name])):
                 was, now = known[name].get(point), points.get(point)
-                if was is None or now is None:
-                    rows.append([model_name, name, point, "*", "missing" if was is None else "present",
-                                 "missing" if now is None else "present"])
+                if was is None:
+                    rows.append([model_name, name, point, "*", "(not in snapshot)", "new sweep point"])
+                    continue
+                if now is None:
+                    rows.append([model_name, name, point, "*", "(in snapshot)", "sweep point gone"])
                     continue
                 for key in sorted(set(was) | set(now)):
                     if not _same(was.get(key), now.get(key)):

@@ -82,8 +82,8 @@ def test_compare_snapshots_lists_every_difference():
                     "new": {"-": entry}}}
 
     assert reg.compare_snapshots(expected, actual) == [
-        ["m", "a", "k=2", "*", "present", "missing"],
-        ["m", "a", "k=3", "*", "missing", "present"],
+        ["m", "a", "k=2", "*", "(in snapshot)", "sweep point gone"],
+        ["m", "a", "k=3", "*", "(not in snapshot)", "new sweep point"],
         ["m", "b", "-", "tokens", "[65 65]", "[65 33]"],
         ["m", "new", "*", "*", "(not in snapshot)", "new method"],
     ]
