@@ -1,0 +1,180 @@
+"""Scaling a sweep out with existing engines: torchrun data parallelism, `--shard i/n`, and SLURM via submitit.
+
+- Data parallel (`torchrun --nproc_per_node=N -m bench bench ...`): every process evaluates one contiguous
+  slice of the images (sizes differ by at most one; no padding, no duplicates, unlike DistributedSampler),
+  the per-rank results are gathered in rank order and merged, and rank 0 times and writes the row, so the
+  row is the one a single process would write.
+- `--shard i/n`: cells i, i+n, ... of the sweep's cells in sorted order, so a job array covers the grid;
+  each shard appends to its own `results-shard-i-of-n.jsonl` and `tokenbench leaderboard` merges them.
+- `--submitit`: submits the same command as a job array of `--jobs` shards to SLURM (or submitit's local
+  executor), with `--gpus-per-node` processes per job running data parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bench.measure import Evaluation
+from bench.registry import BenchError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun (or a submitit task) describes in the environment, if any."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return World(dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier(world: World):
+    if world.size > 1:
+        dist.barrier()
+
+
+def contiguous_slice(n: int, world: World) -> tuple[int, int]:
+    """This rank's [start, stop) of n items: contiguous, sizes differing by at most one, covering n exactly."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return start, start + base + (world.rank < extra)
+
+
+def merge(parts: list[Evaluation]) -> Evaluation:
+    """One Evaluation from per-rank ones over consecutive slices (rank order = image order)."""
+    parts = [p for p in parts if p.n_images]
+    n = sum(p.n_images for p in parts)
+    correct1 = sum(round(p.top1 * p.n_images) for p in parts)
+    correct5 = sum(round(p.top5 * p.n_images) for p in parts)
+    tokens = np.sum([np.asarray(p.tokens_per_block) * p.n_images for p in parts], axis=0) / n
+    stats = {k: sum(p.stats[k] * p.n_images for p in parts) / n for k in parts[0].stats}
+    return Evaluation(n, correct1 / n, correct5 / n, np.concatenate([p.gmacs for p in parts]),
+                      np.concatenate([p.matmul_gmacs for p in parts]), tokens.tolist(), stats)
+
+
+def gather(evaluation: Evaluation | None, world: World) -> Evaluation | None:
+    """The merged evaluation on every rank (a rank with no images passes None)."""
+    if world.size == 1:
+        return evaluation
+    parts = [None] * world.size
+    dist.all_gather_object(parts, evaluation)
+    return merge([p for p in parts if p is not None])
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise BenchError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise BenchError(f"--shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def shard_of(plan: list, shard: tuple[int, int] | None, key) -> list:
+    """Cells i, i+n, ... of `plan` sorted by `key` (a stable, machine-independent description of a cell)."""
+    if shard is None:
+        return plan
+    index, count = shard
+    return sorted(plan, key=key)[index::count]
+
+
+def cell_sort_key(method: str, knobs: dict) -> str:
+    return json.dumps([method, knobs], sort_keys=True)
+
+
+def results_name(shard: tuple[int, int] | None) -> str:
+    return "results.jsonl" if shard is None else f"results-shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+# --- submitit -------------------------------------------------------------------------------------
+
+def add_submitit_options(p):
+    g = p.add_argument_group("SLURM via submitit (pip install 'tokenbench[slurm]')")
+    g.add_argument("--submitit", action="store_true", help="submit the sweep as a job array instead of running it")
+    g.add_argument("--jobs", type=int, default=1, help="shards of the sweep, one array job each (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job; that many processes run data parallel")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per job (data parallel across them)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--timeout-min", type=int, default=60)
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--array-parallelism", type=int, default=None, help="at most this many array jobs at once")
+    g.add_argument("--submitit-folder", default=None, help="logs and pickles (default: OUT/submitit/%%j)")
+    g.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submitit executor (default: slurm where sbatch exists, else local)")
+
+
+def task_environment():
+    """Inside a multi-task submitit job: export the rank variables torchrun would set."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                          WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
+                          MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
+
+
+def run_shard(args, shard: str) -> int:
+    """What one array job runs: this sweep's `tokenbench bench` restricted to `shard`."""
+    import argparse
+
+    from bench.commands import bench
+
+    task_environment()
+    return bench.run(argparse.Namespace(**{**vars(args), "submitit": False, "shard": shard}))
+
+
+def submit(args) -> list:
+    """Submit `--jobs` shards of this sweep; returns the submitit jobs (waited on for local/debug)."""
+    try:
+        import submitit
+    except ImportError:
+        raise BenchError("--submitit needs submitit: pip install 'tokenbench[slurm]'") from None
+    if args.jobs < 1:
+        raise BenchError("--jobs must be at least 1")
+    folder = args.submitit_folder or os.path.join(args.out, "submitit", "%j")
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    tasks = max(1, args.gpus_per_node)
+    params = dict(timeout_min=args.timeout_min, nodes=args.nodes, tasks_per_node=tasks, name="tokenbench")
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:
+        params["cpus_per_task"] = args.cpus_per_task
+    if args.slurm_partition:
+        params["slurm_partition"] = args.slurm_partition
+    if args.slurm_account:
+        params["slurm_account"] = args.slurm_account
+    if args.array_parallelism:
+        params["slurm_array_parallelism"] = args.array_parallelism
+    executor.update_parameters(**params)
+    shards = [f"{i}/{args.jobs}" for i in range(args.jobs)]
+    jobs = executor.map_array(run_shard, [args] * args.jobs, shards)
+    for job, shard in zip(jobs, shards):
+        print(f"submitted job {job.job_id}: shard {shard} -> {os.path.join(args.out, results_name(parse_shard(shard)))}")
+    if executor.cluster in ("local", "debug"):
+        for job in jobs:
+            job.result()
+    return jobs
