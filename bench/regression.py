@@ -250,9 +250,12 @@ def timed_models(cls: type[Method], setup: SpeedSetup):
     """(dense, method model, images, knobs) to time a method with, or why it is not timed.
 
     Dense and method share weights: seeded random init, or the method's shipped checkpoint when it
-    needs training (without one it is skipped: its speed may depend on trained weights).
+    needs training (without one it is skipped: its speed may depend on trained weights). Methods that
+    calibrate on real images (early-exit thresholds) are skipped too.
     """
     method = cls()
+    if cls.needs_calibration:
+        return "chooses its thresholds on real held-out images; the speed part runs on random ones"
     if cls.needs_training:
         checkpoint = method.checkpoint_for(setup.model, "digits")
         if checkpoint is None:
