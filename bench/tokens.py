@@ -298,8 +298,15 @@ def pool(vit: nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, i]] for [B, N, C] tokens and [B, K] indices."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    """x[b, index[b, i]] for [B, N, ...] tokens and [B, K] indices."""
+    B, N, *rest = x.shape
+    # Whole-row copies (index_select) are several times faster on CPU than an element-wise gather.
+    return x.reshape(B * N, *rest).index_select(0, flat_rows(index, N)).view(B, index.shape[1], *rest)
+
+
+def flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, K] token indices into rows of the [B * n, ...] flattened batch."""
+    return (index + n * torch.arange(index.shape[0], device=index.device)[:, None]).flatten()
 
 
 def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor) -> torch.Tensor:

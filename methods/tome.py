@@ -15,7 +15,7 @@ import torch
 
 from bench.ledger import active_ledger
 from bench.registry import Knob, Method, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, gather_tokens
+from bench.tokens import TokenReducedViT, TokenReducer, flat_rows, gather_tokens
 
 
 def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:
@@ -34,8 +34,8 @@ class BipartiteMergeReducer(TokenReducer):
         self.r = r
 
     def forward(self, x, state, info):
-        p = state.prefix
-        r = min(self.r, (x.shape[1] - p) // 2)
+        p, n = state.prefix, x.shape[1]
+        r = min(self.r, (n - p) // 2)
         if r <= 0:
             return x
         # A: even positions, B: odd positions (as in ToMe); prefix tokens belong to neither.
@@ -52,21 +52,25 @@ class BipartiteMergeReducer(TokenReducer):
         merged, unmerged = order[:, :r], order[:, r:]
         if p:  # ToMe keeps the A tokens in their order when there is a class token
             unmerged = unmerged.sort(dim=1).values
-        destination = partner.gather(1, merged)
+        # Output [prefix, unmerged A, B]; each merged A token is added into its B partner's row.
+        batch, n_b = x.shape[0], b.shape[1]
+        prefix = torch.arange(p, device=x.device).expand(batch, p)
+        b_tokens = b_start + 2 * torch.arange(n_b, device=x.device).expand(batch, n_b)
+        kept = torch.cat([prefix, a_start + 2 * unmerged, b_tokens], dim=1)
+        merged_tokens = a_start + 2 * merged
+        into = flat_rows(n - r - n_b + partner.gather(1, merged), n - r)
 
-        def merge(t):  # sum merged A rows into their B partners; [prefix, unmerged A, B]
-            t_a, t_b = t[:, a_start::2], t[:, b_start::2]
-            index = destination[..., None].expand(-1, -1, t.shape[-1])
-            t_b = t_b.scatter_add(1, index, gather_tokens(t_a, merged))
-            return torch.cat([t[:, :p], gather_tokens(t_a, unmerged), t_b], dim=1)
+        def merge(t):
+            out = gather_tokens(t, kept)
+            out.view(-1, *t.shape[2:]).index_add_(0, into, gather_tokens(t, merged_tokens).flatten(0, 1))
+            return out
 
-        size = torch.ones_like(x[..., :1]) if state.size is None else state.size
-        weighted = merge(torch.cat([x * size, size], dim=-1))
-        state.size = weighted[..., -1:]
+        weighted = x if state.size is None else x * state.size
+        state.size = merge(torch.ones_like(x[..., :1]) if state.size is None else state.size)
         if state.source is not None:
             state.source = merge(state.source)
             state.stages.append(state.source)
-        return weighted[..., :-1] / state.size
+        return merge(weighted) / state.size
 
 
 @register_method
