@@ -22,13 +22,18 @@ from timm.models.vision_transformer import VisionTransformer
 from bench.registry import BenchError, all_methods, get_method
 
 ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt", "vit_video_digits": ASSETS / "vit_video_digits.pt"}
+EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt", "vit_cifar10": ASSETS / "vit_cifar10.pt",
+                    "vit_video_digits": ASSETS / "vit_video_digits.pt"}
 
 default_cfgs = generate_default_cfgs({
     "vit_digits.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center",
         interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj", classifier="head",
         license="apache-2.0"),
+    "vit_cifar10.tokenbench": dict(
+        input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
+        crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj",
+        classifier="head", license="apache-2.0"),
 })
 
 
@@ -37,6 +42,13 @@ def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The embedded default: a 12-block ViT (dim 96, 3 heads) on 32x32 digits, 4x4 patches, 65 tokens."""
     args = dict(img_size=32, patch_size=4, embed_dim=96, depth=12, num_heads=3, num_classes=10)
     return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_cifar10(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The CIFAR reference at native 32x32: 12 blocks (dim 64, 2 heads), 4x4 patches, 65 tokens."""
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
+    return build_model_with_cfg(VisionTransformer, "vit_cifar10", pretrained, **dict(args, **kwargs))
 
 
 @dataclass

@@ -39,9 +39,10 @@ def add_parser(sub):
     return p
 
 
-def augmenting(eval_tf):
-    """Light geometric augmentation in front of the model's eval transform."""
-    return transforms.Compose([transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), eval_tf])
+def augmenting(eval_tf, flip: bool = False):
+    """Light geometric augmentation in front of the model's eval transform (mirroring for natural images)."""
+    steps = [transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+    return transforms.Compose(steps + [transforms.RandomHorizontalFlip()] * flip + [eval_tf])
 
 
 def method_knobs(method, args) -> dict:
@@ -79,7 +80,7 @@ def run(args):
     knobs = method_knobs(method, args) if method else {}
     trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
     eval_tf = data.eval_transform(model)
-    train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf), args.data_root).dataset
+    train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=args.dataset != "digits"), args.data_root).dataset
     val_loader = DataLoader(data.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
     test_loader = DataLoader(data.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
