@@ -96,6 +96,20 @@ def create(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def pretrained_weights_label(model: nn.Module, name: str) -> str:
+    """timm's pretrained tag, with the Hugging Face snapshot it came from (the exact weights) when cached."""
+    hub_id = model.pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return f"timm:{name}"
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return f"timm:{hub_id}@{Path(path).parent.name[:12]}"
+    return f"timm:{hub_id}"
+
+
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = False,
                num_classes: int | None = None) -> LoadedModel:
     """Build `name` (or the model a tokenbench checkpoint names) with the requested weights, in eval mode."""
@@ -139,7 +153,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
             except Exception as err:
                 raise BenchError(f"could not load pretrained weights for {name}: {str(err).splitlines()[0]} "
                                  "(offline? pass --checkpoint FILE)") from None
-            weights = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+            weights = pretrained_weights_label(model, name)
         else:
             model = create(name, **kwargs)
             weights = "random-init"

@@ -154,3 +154,26 @@ def test_imagenet_from_the_cli_with_the_models_own_transform(tmp_path, imagenet_
     row = read_results(tmp_path / "out" / "results.jsonl")[0]
     assert row["n_images"] == 31 and row["n_unreadable"] == 1 and row["dataset"] == "imagenet"
     assert row["weights"].startswith("file:in1k.pt@sha256:")
+
+
+def test_pretrained_tag_loads_offline_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """timm name.tag + --pretrained reads the HF cache with HF_HUB_OFFLINE=1; the row names the snapshot."""
+    from safetensors.torch import save_file
+
+    from bench.models import load_model
+
+    torch.manual_seed(3)
+    weights = {k: v.contiguous() for k, v in timm.create_model("test_vit.r160_in1k").state_dict().items()}
+    repo = tmp_path / "hub" / "models--timm--test_vit.r160_in1k"
+    (repo / "snapshots" / ("ab" * 20)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab" * 20)
+    save_file(weights, repo / "snapshots" / ("ab" * 20) / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("test_vit.r160_in1k", pretrained=True)
+    assert loaded.weights == "timm:timm/test_vit.r160_in1k@" + "ab" * 6
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
+    with pytest.raises(BenchError, match="offline"):
+        load_model("test_vit.r160_in1k.nonexistent_tag", pretrained=True)
