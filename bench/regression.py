@@ -363,27 +363,28 @@ def speed_gate(methods: dict[str, type[Method]], baseline: dict, reference_s: fl
                wait_s: float = 20.0, log=print) -> SpeedReport:
     """Measure, compare with `baseline` ({method: {"knobs", "speedup"}}), re-measure failures once.
 
-    The calibration workload is timed before and after (and before a re-measurement); if it runs more
-    than CONTENDED times slower than `reference_s` (its time when the baseline was recorded), the
-    machine is loaded: wait and retry up to `retries` times, then give up as inconclusive rather than
-    report noise as a regression. Without a reference nothing is detected.
+    The calibration workload is timed before measuring, before a re-measurement and after it; if it
+    runs more than CONTENDED times slower than `reference_s` (its time when the baseline was recorded),
+    the machine is loaded: wait and retry up to `retries` times, then give up as inconclusive rather
+    than report noise as a regression. Without a reference nothing is detected.
     """
-    reference = reference_s
     calibrations = []
 
     def quiet(retry: bool) -> bool:
-        for attempt in range(retries + 1 if retry else 1):
+        attempts = retries + 1 if retry else 1
+        for attempt in range(attempts):
             with threads(setup.threads):
                 calibrations.append(calibration_seconds())
-            if reference is None or calibrations[-1] <= CONTENDED * reference:
+            if reference_s is None or calibrations[-1] <= CONTENDED * reference_s:
                 return True
-            log(f"calibration {calibrations[-1] * 1e3:.1f} ms vs {reference * 1e3:.1f} ms at baseline: machine loaded"
-                + (f", waiting {wait_s:.0f} s" if retry and attempt < retries else ""))
-            if retry and attempt < retries:
+            wait = attempt + 1 < attempts
+            log(f"calibration {calibrations[-1] * 1e3:.1f} ms vs {reference_s * 1e3:.1f} ms at baseline: "
+                f"machine loaded{f', waiting {wait_s:.0f} s' if wait else ''}")
+            if wait:
                 time.sleep(wait_s)
         return False
 
-    loaded = "the machine is loaded (calibration > {:.1f}x its baseline time)".format(CONTENDED)
+    loaded = f"the machine is loaded (calibration > {CONTENDED:.1f}x its baseline time)"
     if not quiet(retry=True):
         return SpeedReport([], loaded, calibrations)
     speeds = measure_speeds(methods, setup, log=log)
@@ -395,8 +396,8 @@ def speed_gate(methods: dict[str, type[Method]], baseline: dict, reference_s: fl
             return SpeedReport(list(verdicts.values()), loaded, calibrations)
         again = measure_speeds(failing, setup, pairs=2 * setup.pairs, log=log)
         verdicts.update({n: judge(n, s, baseline.get(n), tolerance) for n, s in again.items()})
-    if not quiet(retry=False):
-        return SpeedReport(list(verdicts.values()), loaded + " after measuring", calibrations)
+        if any(v.failed for v in verdicts.values()) and not quiet(retry=False):
+            return SpeedReport(list(verdicts.values()), loaded + " after measuring", calibrations)
     return SpeedReport(list(verdicts.values()), None, calibrations)
 
 

@@ -200,3 +200,17 @@ def test_methods_that_need_training_are_snapshotted_with_fresh_parts_on_a_copy(t
     assert entry["tokens"] == [65] * 4 + [33] * 3 + [17] * 3 + [9] * 2
     assert entry == plain
     assert not hasattr(tiny_vit, "trained_part")  # the shared backbone is left as it was
+
+
+@pytest.mark.parametrize("last_calibration, outcome", [(0.010, "failed"), (0.020, "inconclusive")])
+def test_a_confirmed_slowdown_fails_unless_the_machine_was_loaded_meanwhile(monkeypatch, last_calibration, outcome):
+    calibrations = iter([0.010, 0.010, last_calibration])  # before, before the re-measurement, after it
+    monkeypatch.setattr(reg, "calibration_seconds", lambda: next(calibrations))
+    monkeypatch.setattr(reg, "measure_speeds", lambda *a, **k: {"topk": speed(0.9)})
+    baseline = {"topk": {"knobs": {"keep": 0.7}, "speedup": 1.5}}
+
+    report = reg.speed_gate({"topk": TopK}, baseline, 0.010, retries=0, log=quiet)
+
+    assert report.failed == (outcome == "failed")
+    assert (report.inconclusive is not None) == (outcome == "inconclusive")
+    assert [v.status for v in report.verdicts] == ["SLOWER than dense"]
