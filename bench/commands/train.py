@@ -95,7 +95,8 @@ def run(args):
     command = " ".join(["tokenbench train", *start, *with_method, *(f"--{k} {v:g}" for k, v in knobs.items()),
                         f"--dataset {args.dataset}", *(["--data-root", args.data_root] if args.data_root else []),
                         f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
-                        f"--warmup-epochs {args.warmup_epochs:g} --seed {args.seed} --out {args.out}"])
+                        f"--warmup-epochs {args.warmup_epochs:g} --seed {args.seed}",
+                        *([f"--threads {args.threads}"] if args.threads else []), f"--out {args.out}"])
     meta = {
         "command": command,
         "dataset": args.dataset, "test_top1": test_top1, "val_top1": history[-1].get("val_top1"),
