@@ -19,6 +19,9 @@ SUBCOMMANDS = [
     "bench.commands.train",
     "bench.commands.dvt_ablation",
     "bench.commands.regression",
+    "bench.commands.profile",
+    "bench.commands.visualize",
+    "bench.commands.speed",
 ]
 
 

@@ -6,8 +6,18 @@ fast batched implementation gives the same logits.
 
 import functools
 
+import pytest
 import timm
 import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models gain nothing from threads, and lose much when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @functools.cache

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from plain_vit import deit_small, plain_logits, small_vit
+from plain_vit import deit_small, one_thread, plain_logits, small_vit  # noqa: F401  (one_thread: autouse)
 
 import methods.ats
 from bench.ledger import flop_counter_gmacs, measure_gmacs

@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from plain_vit import deit_small, plain_logits, small_vit
+from plain_vit import deit_small, one_thread, plain_logits, small_vit  # noqa: F401  (one_thread: autouse)
 
 from bench.ledger import flop_counter_gmacs, measure_gmacs
 from bench.registry import get_method

@@ -1,0 +1,148 @@
+"""`tokenbench visualize`: draw which patches each reduction kept, dropped or merged, like the papers' figures.
+
+The method runs once on one image in trace mode, where every token carries the set of input patches it
+stands for. After each block that changed the tokens, a panel shows the image with dropped patches
+washed out (EViT, ATS, top-k) and every group of patches now held by one token (a ToMe merge, EViT's
+fused token) painted in its mean colour and outlined; a patch that is still its own token is shown as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench import data
+from bench.commands.profile import add_model_and_method_args, build_from_args
+from bench.registry import BenchError
+from bench.tokens import TokenReducedViT
+
+DROPPED = -1
+
+
+def add_parser(sub):
+    p = sub.add_parser("visualize", help="draw the patches a method kept, dropped or merged at each stage")
+    add_model_and_method_args(p)
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    return p
+
+
+def traced_stages(model: TokenReducedViT, image: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """[(block index, source [tokens, patches])] after every block whose reducer changed the tokens."""
+    entering, stages = {}, []
+
+    def before(index):
+        def hook(module, args):
+            entering[index] = args[1].source
+        return hook
+
+    def after(index):
+        def hook(module, args, output):
+            if args[1].source is not entering[index]:
+                stages.append((index, args[1].source[0]))
+        return hook
+
+    handles = [h for i, blk in enumerate(model.blocks)
+               for h in (blk.register_forward_pre_hook(before(i)), blk.register_forward_hook(after(i)))]
+    model.trace = True
+    try:
+        with torch.inference_mode():
+            model(image[None])
+    finally:
+        model.trace = False
+        for handle in handles:
+            handle.remove()
+    return stages
+
+
+def patch_owners(source: torch.Tensor) -> np.ndarray:
+    """For each input patch, the token that holds it, or DROPPED."""
+    held = source > 0
+    owners = held.to(torch.int64).argmax(dim=0)
+    return torch.where(held.any(dim=0), owners, DROPPED).numpy()
+
+
+def render(picture: np.ndarray, owners: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """`picture` [H, W, 3] in [0, 1] with dropped patches washed out, merged groups flat and outlined."""
+    gh, gw = grid
+    ph, pw = picture.shape[0] // gh, picture.shape[1] // gw
+    label = np.kron(owners.reshape(gh, gw), np.ones((ph, pw), dtype=np.int64))
+    out = picture.copy()
+    out[label == DROPPED] = 0.2 * picture[label == DROPPED] + 0.8 * 0.92
+    tokens, counts = np.unique(owners[owners != DROPPED], return_counts=True)
+    for token in tokens[counts > 1]:
+        region = label == token
+        out[region] = picture[region].mean(axis=0)
+    merged = np.isin(label, tokens[counts > 1])
+    edge = np.zeros_like(merged)
+    edge[:, 1:] |= (label[:, 1:] != label[:, :-1]) & (merged[:, 1:] | merged[:, :-1])
+    edge[1:, :] |= (label[1:, :] != label[:-1, :]) & (merged[1:, :] | merged[:-1, :])
+    out[edge] = 1.0
+    return out
+
+
+def describe(owners: np.ndarray) -> str:
+    tokens, counts = np.unique(owners[owners != DROPPED], return_counts=True)
+    parts = [f"{int((counts == 1).sum())} kept"]
+    if (owners == DROPPED).any():
+        parts.append(f"{int((owners == DROPPED).sum())} dropped")
+    if (counts > 1).any():
+        parts.append(f"{int(counts[counts > 1].sum())} in {int((counts > 1).sum())} merged")
+    return ", ".join(parts)
+
+
+def run(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from timm.data import resolve_data_config
+
+    loaded, method, knobs, model = build_from_args(args)
+    if not isinstance(model, TokenReducedViT) or model.vit.patch_embed.proj.weight.ndim != 4:
+        raise BenchError("visualize draws block-level methods on image ViTs")
+    path = Path(args.image)
+    if not path.is_file() or not data.is_image(path.name):
+        raise BenchError(f"--image {args.image}: not an image file")
+    try:
+        image = data.eval_transform(loaded.model)(Image.open(path).convert("RGB"))
+    except OSError as err:
+        raise BenchError(f"--image {args.image}: cannot read it ({err})") from None
+    config = resolve_data_config({}, model=loaded.model)
+    mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
+    picture = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    scale = max(1, 224 // picture.shape[0])  # small inputs (32x32 digits) are enlarged to be seen
+    picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+    grid = tuple(model.vit.patch_embed.grid_size)
+
+    stages = traced_stages(model, image)
+    label = " ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
+    panels = [("input", f"{grid[0] * grid[1]} patches", picture)]
+    for block, source in stages:
+        owners = patch_owners(source)
+        panels.append((f"after block {block}: {source.shape[0]} tokens", describe(owners),
+                       render(picture, owners, grid)))
+        print(f"block {block:2d}: {source.shape[0]} tokens; patches {panels[-1][1]}")
+    if not stages:
+        print(f"{method.name} {label} changed no tokens on this image")
+
+    cols = min(len(panels), 5)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, subtitle, panel) in zip(axes.flat, panels):
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_title(f"{title}\n{subtitle}", fontsize=8)
+    fig.suptitle(f"{method.name} {label} on {loaded.name}: washed out = dropped, flat outlined = merged",
+                 fontsize=9)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,87 @@
+"""`tokenbench profile`, `visualize` and `speed` as a user runs them."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from plain_vit import one_thread  # noqa: F401  (autouse fixture)
+
+from bench.cli import main
+from bench.commands.speed import parse_cell
+from bench.commands.visualize import DROPPED, describe, patch_owners, render
+from bench.models import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
+    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_profile_prints_the_papers_schedule_and_gmacs(capsys):
+    assert run("profile", "--model", "deit_small_patch16_224", "--method", "evit", "--keep", "0.7", "--count", "1") == 0
+    out = capsys.readouterr().out
+    tokens = [int(line.split()[1]) for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert tokens == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+    assert "GMACs per image: 3.0357, dense 4.6083" in out
+
+
+def test_profile_adaptive_method_on_an_image_folder(checkpoint, image_folder, capsys):
+    assert run("profile", "--checkpoint", checkpoint, "--method", "ats", "--keep", "1",
+               "--images", image_folder) == 0
+    out = capsys.readouterr().out
+    assert "ats keep=1 on vit_digits" in out and f"3 images from {image_folder}" in out
+    assert "GMACs per image:" in out
+
+
+def test_profile_errors_are_one_line(checkpoint, tmp_path, capsys):
+    assert run("profile", "--checkpoint", checkpoint, "--method", "tome", "--keep", "0.5") == 2
+    assert "--keep is not a knob of tome" in capsys.readouterr().err
+    assert run("profile", "--checkpoint", checkpoint, "--method", "ats", "--images", tmp_path / "nothing") == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_visualize_writes_one_panel_per_reduction(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "tome.png"
+    assert run("visualize", "--checkpoint", checkpoint, "--method", "tome", "--r", "4",
+               "--image", image_folder / "0.png", "--out", out) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"block {i:2d}" for i in range(12)]
+    assert lines[0].startswith("block  0: 61 tokens; patches") and "in" in lines[0] and "merged" in lines[0]
+    assert Image.open(out).size[0] > 500
+
+
+def test_patch_roles_from_the_traced_sources():
+    # tokens: class token (no patches), one holding patches 0 and 1, one holding patch 2; patch 3 dropped
+    source = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.float32)
+    owners = patch_owners(source)
+    assert owners.tolist() == [1, 1, 2, DROPPED]
+    assert describe(owners) == "1 kept, 1 dropped, 2 in 1 merged"
+    picture = np.random.default_rng(0).random((8, 8, 3))  # 2x2 patches of 4x4 pixels
+    drawn = render(picture, owners, (2, 2))
+    assert np.allclose(drawn[5:, :4], picture[5:, :4])  # the kept patch is untouched (below the outline)
+    assert (drawn[4, :4] == 1).all()  # the merged group's outline
+    assert not np.allclose(drawn[4:, 4:], picture[4:, 4:])  # the dropped patch is washed out
+    assert np.allclose(drawn[:4], picture[:4].reshape(-1, 3).mean(0))  # merged: one flat mean colour
+
+
+def test_speed_cells_parse_with_the_methods_own_knobs():
+    assert parse_cell("tome:r=13") == ("tome", {"r": 13, "inflect": 0.0})
+    assert parse_cell("evit:keep=0.7") == ("evit", {"keep": 0.7})
+    assert run("speed", "--cell", "tome:keep=0.7") == 2
