@@ -204,6 +204,11 @@ class DVTCascade(nn.Module):
             out[running[leave]] = logits[leave]
             running, context = running[~leave], context.select(~leave)
             if running.numel() == 0:
+                if ledger is not None:  # the blocks nobody ran: zero tokens, so every batch reports all blocks
+                    with ledger.rows(running):
+                        for later in self.stages[k + 1:]:
+                            for cost in later.costs:
+                                ledger.add_block(cost, 0, 0)
                 break
         return out
 
@@ -309,22 +314,22 @@ class DVT(Method):
     family = "early-exit"
     needs_training = True
     needs_calibration = True
-    knobs = (Knob("budget", (0.3, 0.4, 0.5, 0.6, 0.8, 1.0), noop=1.0, low=0.0, high=1.0,
-                  help="DVT: mean GMACs allowed on the held-out split, as a fraction of running every exit "
-                       "(1 = no early exit)"),)
+    knobs = (Knob("cost", (0.3, 0.4, 0.5, 0.6, 0.8, 1.0), noop=1.0, low=0.0, high=1.0,
+                  help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
+                       "running every exit (1 = no early exit)"),)
     summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
 
-    def build(self, model, budget=1.0, calibration=None):
+    def build(self, model, cost=1.0, calibration=None):
         if not isinstance(model, DVTCascade):
             raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
-        if budget >= 1.0:
+        if cost >= 1.0:
             return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1))
         if calibration is None:
             raise BenchError("dvt needs a held-out split to choose its exit thresholds")
         images, labels = calibration
         costs = model.exit_gmacs(images[:1])
         confidence, correct = exit_outputs(model, images, labels)
-        thresholds = search_thresholds(confidence, correct, costs, budget * costs[-1])
+        thresholds = search_thresholds(confidence, correct, costs, cost * costs[-1])
         return EarlyExitDVT(model, thresholds)
 
     def checkpoint_for(self, model_name, dataset):

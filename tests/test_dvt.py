@@ -46,6 +46,8 @@ def test_first_threshold_zero_exits_everything_at_the_first_stage(images):
     alone = measure_gmacs(stage_one, images)  # the first stage by itself, no reuse
     assert torch.equal(ledger.gmacs, alone.gmacs)
     assert ledger.notes["exit_1"].tolist() == [1.0] * 6 and ledger.notes["exit_2"].sum() == 0
+    tokens = ledger.tokens_per_block()
+    assert tokens.shape == (6, 12) and (tokens[:, :4] == 17).all() and (tokens[:, 4:] == 0).all()
 
 
 def test_each_image_pays_only_for_the_stages_it_ran(images):
@@ -109,13 +111,13 @@ def test_method_calibrates_on_held_out_images_under_the_budget(images):
     held_out = (torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
     method = get_method("dvt")
     costs = model.exit_gmacs(images)
-    built = method.build(model, budget=0.5, calibration=held_out)
+    built = method.build(model, cost=0.5, calibration=held_out)
     assert measure_gmacs(built, held_out[0]).gmacs.mean().item() <= 0.5 * costs[-1] + 1e-12
-    assert isinstance(method.build(model, budget=1.0).cascade, DVTCascade)
+    assert isinstance(method.build(model, cost=1.0).cascade, DVTCascade)
     with pytest.raises(BenchError, match="held-out"):
-        method.build(model, budget=0.5)
+        method.build(model, cost=0.5)
     with pytest.raises(BenchError, match="cascade"):
-        method.build(timm.create_model("vit_digits"), budget=0.5)
+        method.build(timm.create_model("vit_digits"), cost=0.5)
 
 
 def test_shipped_checkpoint_meets_its_budgets_on_the_val_split():
@@ -130,7 +132,7 @@ def test_shipped_checkpoint_meets_its_budgets_on_the_val_split():
     costs = loaded.model.exit_gmacs(val[0])
     firsts = []
     for budget in (0.3, 0.8):
-        ledger = measure_gmacs(method.build(loaded.model, budget=budget, calibration=val), val[0])
+        ledger = measure_gmacs(method.build(loaded.model, cost=budget, calibration=val), val[0])
         assert ledger.gmacs.mean().item() <= budget * costs[-1] + 1e-12
         firsts.append(ledger.notes["exit_1"].mean().item())
     assert firsts[0] > firsts[1]

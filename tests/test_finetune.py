@@ -18,7 +18,7 @@ def test_knobs_to_train_at():
     assert method_knobs(get_method("evit"), args_with()) == {"keep": 0.7}  # the middle of its sweep
     assert method_knobs(get_method("evit"), args_with(keep=0.5)) == {"keep": 0.5}
     assert method_knobs(get_method("dynamicvit"), args_with()) == {"keep": 0.7}  # its own default (the paper's rho)
-    assert method_knobs(get_method("dvt"), args_with(budget=0.5)) == {}  # the budget only matters at inference
+    assert method_knobs(get_method("dvt"), args_with(cost=0.5)) == {}  # the budget only matters at inference
 
 
 def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit, digit_images):
