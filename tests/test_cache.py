@@ -77,3 +77,13 @@ def test_other_transforms_fall_back_to_float_tensors_in_memory(image_folder, tmp
     store = cache.load_images(ds, transform, tmp_path / "store")
     assert not store.cached and store.batch(0, 6)[0][:, 0, 0, 0].tolist() == [40, 30, 30, 40, 40, 30]
     assert not (tmp_path / "store").exists()
+
+
+def test_batches_kept_in_memory_equal_batches_made_per_step(image_folder, tmp_path, monkeypatch):
+    transform = imagenet_style()
+    store = cache.load_images(data.build_dataset("folder", "test", transform, str(image_folder)), transform,
+                              tmp_path / "store")
+    kept = [torch.cat(t) for t in zip(*store.batches(4, 1, 6))]
+    monkeypatch.setattr(cache, "FLOAT_MEMORY_BYTES", 0)
+    stepped = [torch.cat(t) for t in zip(*store.batches(4, 1, 6))]
+    assert all(torch.equal(a, b) for a, b in zip(kept, stepped)) and len(kept[1]) == 5
