@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bench import data, measure, models, results
+from bench import cache, data, distributed, measure, models, results
 from bench.registry import BenchError, get_method, knob_by_name, resolve_methods
 
 
@@ -29,6 +29,12 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median and IQR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-timing", action="store_true", help="skip throughput and latency (accuracy and GMACs only)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of counting it")
+    p.add_argument("--cache-dir", default=None,
+                   help="store of decoded, preprocessed images reused across sweeps (default ~/.cache/tokenbench)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run cells I, I+N, ... of the sorted sweep; rows go to OUT/results-shard-I-of-N.jsonl")
+    distributed.add_submitit_options(p)
     for knob in knob_by_name().values():
         p.add_argument(f"--{knob.name}", default=None, metavar="V[,V...]",
                        help=f"override the sweep values of knob '{knob.name}' ({knob.help})")
@@ -71,6 +77,10 @@ def fmt_knobs(knobs: dict) -> str:
 
 
 def run(args):
+    if args.submitit:  # submitted from a login node: the jobs check the device
+        distributed.parse_shard(args.shard)
+        distributed.submit(args)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
@@ -87,12 +97,21 @@ def run(args):
         if name not in known_knobs:
             raise BenchError(f"--{name} is not a knob of {', '.join(names)}")
 
+    shard = distributed.parse_shard(args.shard)
+    world, device = distributed.init(device)
     backbone = models.load_model(args.model, args.checkpoint, args.pretrained)
     out = Path(args.out)
-    results_path = out / results.RESULTS_FILE
+    results_path = out / distributed.results_name(shard)
     timed = {row["cell_id"]: row.get("throughput") is not None for row in results.read_results(results_path)}
-    ds = data.build_dataset(args.dataset, args.split, data.eval_transform(backbone.model), args.data_root)
-    images, labels = preload(ds.dataset)
+    transform = data.eval_transform(backbone.model)
+    ds = data.build_dataset(args.dataset, args.split, transform, args.data_root)
+    if args.strict and ds.unreadable:
+        raise BenchError(f"{ds.unreadable} unreadable images in {args.dataset}/{args.split} (drop --strict to skip)")
+    for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
+        if (turn == "first") == world.is_main:
+            store = cache.load_images(ds, transform, args.cache_dir, args.strict)
+        distributed.barrier(world)
+    images, labels = store.batch(0, min(len(store), batch_size))
     timing_images = timing_batch(images, batch_size).to(device)
     calibration = None
     if any(m.needs_calibration for m in methods.values()):
@@ -116,10 +135,14 @@ def run(args):
             for knob in method.knobs:
                 knob.check(knobs[knob.name])
             plan.append((name, method, loaded, knobs))
+    plan = distributed.shard_of(plan, shard, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
+    log = print if world.is_main else (lambda *a, **k: None)
 
-    print(f"{len(plan)} configurations of {len(methods)} methods on {args.model} ({backbone.weights}), "
-          f"{args.dataset}/{args.split} ({len(labels)} images), {env['device_name']}, {args.dtype}, "
-          f"batch {batch_size}, {torch.get_num_threads()} threads -> {results_path}")
+    cached = "from the image cache" if store.cached else "decoded now"
+    log(f"{len(plan)} configurations of {len(methods)} methods on {args.model} ({backbone.weights}), "
+        f"{args.dataset}/{args.split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
+        f"{env['device_name']}, {args.dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
+        f"{f', {world.size} processes' if world.size > 1 else ''} -> {results_path}")
     started = time.perf_counter()
     for i, (name, method, loaded, knobs) in enumerate(plan, 1):
         cell = {"method": name, "knobs": knobs, "model": loaded.name, "weights": loaded.weights,
@@ -128,14 +151,19 @@ def run(args):
                 "threads": torch.get_num_threads() if device.type == "cpu" else None, "seed": args.seed}
         cid = results.cell_id(cell)
         if cid in timed and (timed[cid] or args.no_timing):
-            print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: already recorded, skipped")
+            log(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: already recorded, skipped")
             continue
         torch.manual_seed(args.seed)
         extra = {"calibration": calibration} if method.needs_calibration else {}
         model = method.build(loaded.model, **knobs, **extra).to(device).eval()
-        evaluation = measure.evaluate(model, batches(images, labels, batch_size), device, args.dtype)
+        start, stop = distributed.contiguous_slice(len(store), world)
+        local = (measure.evaluate(model, store.batches(batch_size, start, stop), device, args.dtype)
+                 if stop > start else None)
+        evaluation = distributed.gather(local, world)
+        if not world.is_main:
+            continue
         row = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
-               "n_unreadable": ds.unreadable, "params": measure.parameter_count(model),
+               "n_unreadable": store.unreadable, "params": measure.parameter_count(model),
                "trained_with": loaded.meta.get("trained_with"),
                **evaluation.summary(), "provenance": env}
         if not args.no_timing:
@@ -151,5 +179,5 @@ def run(args):
         speed = f", {row['throughput']:.0f} img/s, {row['latency_ms']:.2f} ms at batch 1" if not args.no_timing else ""
         print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: top-1 {100 * row['top1']:.2f}%, "
               f"{row['gmacs']:.4g} GMACs{speed}", flush=True)
-    print(f"done in {time.perf_counter() - started:.1f} s; {results_path}")
+    log(f"done in {time.perf_counter() - started:.1f} s; {results_path}")
     return 0
