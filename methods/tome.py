@@ -62,7 +62,9 @@ class BipartiteMergeReducer(TokenReducer):
 
         def merge(t):
             out = gather_tokens(t, kept)
-            out.view(-1, *t.shape[2:]).index_add_(0, into, gather_tokens(t, merged_tokens).flatten(0, 1))
+            sources = gather_tokens(t, merged_tokens).flatten(0, 1)
+            # index_put_ accumulates in one parallel pass; index_add_ stalls on shared, multi-threaded CPUs.
+            out.view(-1, *t.shape[2:]).index_put_((into,), sources, accumulate=True)
             return out
 
         weighted = x if state.size is None else x * state.size
