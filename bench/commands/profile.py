@@ -34,7 +34,8 @@ def method_knobs(method: Method, args) -> dict:
     own = {k.name for k in method.knobs}
     unknown = sorted(given - own)
     if unknown:
-        raise BenchError(f"--{unknown[0]} is not a knob of {method.name} (its knobs: {', '.join(sorted(own)) or 'none'})")
+        knobs = ", ".join(sorted(own)) or "none"
+        raise BenchError(f"--{unknown[0]} is not a knob of {method.name} (its knobs: {knobs})")
     return {k.name: k.parse(getattr(args, k.name)) if k.name in given else k.sweep[0] for k in method.knobs}
 
 

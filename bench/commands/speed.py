@@ -93,9 +93,9 @@ def run(args):
         built.append(get_method(name).build(loaded.model, **knobs))
     built = [m.to(device).eval() for m in built]
     gmacs = [measure_gmacs(m, images[:8].to(device)).gmacs.mean().item() for m in built]
-    threads = torch.get_num_threads() if device.type == "cpu" else None
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"{loaded.name} ({loaded.weights}), batch {args.batch_size} at {tuple(images.shape[1:])}, {device.type}"
-          f"{f', {threads} thread' + ('s' if threads > 1 else '') if threads else ''}, {args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
+          f"{threads}, {args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
     times = np.array(interleaved_times(built, images.to(device), args.rounds, args.warmup))
     dense_ms = statistics.median(times[:, 0]) * 1e3
     rows = [["none", "-", f"{gmacs[0]:.3f}", "1.000", f"{dense_ms:.0f}", "1.000", "-", "-"]]
