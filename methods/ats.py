@@ -16,7 +16,7 @@ masked out of attention, sampling and pooling, so an image's result does not dep
 official code lets padding shift the normalised cdf; here it is normalised over real tokens only).
 Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV 2022 (official code:
 adaptivetokensampling/ATS).
-On a model without a class token (VideoMAE, average-pool ViTs) every token is sampled and the attention
+On a model without a class token (VideoMAE, average-pool ViTs) every token is a candidate and the attention
 each token receives, averaged over all queries, stands in for the class token's attention
 (`bench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
