@@ -314,7 +314,7 @@ class DVT(Method):
     family = "early-exit"
     needs_training = True
     needs_calibration = True
-    knobs = (Knob("cost", (0.3, 0.4, 0.5, 0.6, 0.8, 1.0), noop=1.0, low=0.0, high=1.0,
+    knobs = (Knob("cost", (0.15, 0.2, 0.25, 0.3, 0.4, 1.0), noop=1.0, low=0.0, high=1.0,
                   help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
                        "running every exit (1 = no early exit)"),)
     summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
