@@ -325,3 +325,16 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path):
         assert row["gmacs"] == pytest.approx(6 * row["gmacs_per_view"])
     assert dense["tokens_per_block"] == [1568] * 4 and topk["tokens_per_block"] == [1568, 1568, 784, 392]
     assert dense["cls_substitute"] is None and topk["cls_substitute"] == "mean attention received"
+
+
+def test_embedded_video_weights_reach_their_recorded_val_accuracy():
+    from bench.commands.bench import batches, preload
+    from bench.measure import evaluate
+
+    loaded = load_model("vit_video_digits")
+    assert loaded.weights.startswith("embedded:vit_video_digits.pt@sha256:")
+    assert loaded.meta["command"].startswith("tokenbench train") and "--dataset moving-digits" in loaded.meta["command"]
+    val = data.build_dataset("moving-digits", "val", data.eval_transform(loaded.model))
+    videos, labels = preload(val.dataset)
+    result = evaluate(loaded.model, batches(videos, labels, 64), torch.device("cpu"))
+    assert result.top1 == pytest.approx(loaded.meta["val_top1"], abs=1 / len(labels))
