@@ -37,11 +37,15 @@ class Knob:
     low_inclusive: bool = False
     help: str = ""
 
-    def parse(self, text: str) -> Any:
+    def convert(self, text: str) -> Any:
+        """The value of a command-line string, type-checked only (each method checks its own range)."""
         try:
-            value = self.kind(text)
+            return self.kind(text)
         except ValueError:
             raise BenchError(f"--{self.name}: {text!r} is not a valid {self.kind.__name__}") from None
+
+    def parse(self, text: str) -> Any:
+        value = self.convert(text)
         self.check(value)
         return value
 

@@ -39,7 +39,7 @@ def test_sweep_writes_one_row_per_configuration_and_resumes(tmp_path, checkpoint
     assert [(r["method"], r["knobs"]) for r in rows] == [("none", {}), ("topk", {"keep": 0.7}), ("topk", {"keep": 0.5})]
     row = rows[1]
     assert row["n_images"] == 540 and 0 <= row["top1"] <= row["top5"] <= 1
-    assert row["tokens_per_block"] == [65] * 3 + [46] * 3 + [33] * 3 + [24] * 3
+    assert row["tokens_per_block"] == [65] * 4 + [46] * 3 + [33] * 3 + [24] * 2
     assert row["gmacs"] < rows[0]["gmacs"] and row["gmacs_std"] == pytest.approx(0)
     assert row["throughput"] > 0 and row["latency_ms"] > 0 and row["threads"] == torch.get_num_threads()
     assert row["weights"].startswith("file:vit_digits_random.pt@sha256:")

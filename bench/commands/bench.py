@@ -8,19 +8,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bench import cache, data, distributed, measure, models, results
+from bench import budget, cache, data, distributed, measure, models, results
 from bench.registry import BenchError, get_method, knob_by_name, resolve_methods
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="sweep methods over their knobs and record accuracy, GMACs and speed")
     p.add_argument("--method", default="all", help="'all' or a comma-separated list (see `tokenbench methods`)")
-    p.add_argument("--model", default="vit_digits", help="timm ViT name (default: the embedded vit_digits)")
+    p.add_argument("--model", default=None,
+                   help="timm ViT name (default: the embedded vit_digits; vit_video_digits for moving-digits)")
     p.add_argument("--checkpoint", default=None, help="local weights file (read with weights_only=True)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub or its cache)")
     p.add_argument("--dataset", default="digits", help=f"one of: {', '.join(data.dataset_names())}")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
     p.add_argument("--split", default="test", choices=data.SPLITS)
+    p.add_argument("--protocol", default=None,
+                   help="video views FRAMESxSTRIDExCLIPSxCROPS or 'videomae' (16x4x5x3); default: the model's own")
     p.add_argument("--out", required=True, help="results folder; rows go to OUT/results.jsonl")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=None, help="throughput batch (default 256 on cuda, 32 on cpu)")
@@ -29,6 +32,9 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median and IQR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-timing", action="store_true", help="skip throughput and latency (accuracy and GMACs only)")
+    p.add_argument("--budget", type=float, default=None, metavar="F",
+                   help="matched compute: per method, the knob value with GMACs <= F x dense instead of the sweep "
+                        "(searched; adaptive methods calibrated on the val split)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of counting it")
     p.add_argument("--cache-dir", default=None,
                    help="store of decoded, preprocessed images reused across sweeps (default ~/.cache/tokenbench)")
@@ -46,7 +52,7 @@ def knob_overrides(args) -> dict[str, tuple]:
     for name, knob in knob_by_name().items():
         text = getattr(args, name, None)
         if text is not None:
-            overrides[name] = tuple(knob.parse(v) for v in text.split(",") if v.strip())
+            overrides[name] = tuple(knob.convert(v) for v in text.split(",") if v.strip())
     return overrides
 
 
@@ -69,7 +75,7 @@ def batches(images, labels, batch_size):
 def timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The first `batch_size` real images (cycled if the dataset is smaller)."""
     reps = -(-batch_size // len(images))
-    return images.repeat(reps, 1, 1, 1)[:batch_size] if reps > 1 else images[:batch_size]
+    return images.repeat(reps, *[1] * (images.ndim - 1))[:batch_size] if reps > 1 else images[:batch_size]
 
 
 def fmt_knobs(knobs: dict) -> str:
@@ -97,13 +103,14 @@ def run(args):
         if name not in known_knobs:
             raise BenchError(f"--{name} is not a knob of {', '.join(names)}")
 
+    args.model = args.model or ("vit_video_digits" if args.dataset == "moving-digits" else "vit_digits")
     shard = distributed.parse_shard(args.shard)
     world, device = distributed.init(device)
     backbone = models.load_model(args.model, args.checkpoint, args.pretrained)
     out = Path(args.out)
     results_path = out / distributed.results_name(shard)
     timed = {row["cell_id"]: row.get("throughput") is not None for row in results.read_results(results_path)}
-    transform = data.eval_transform(backbone.model)
+    transform = data.eval_transform(backbone.model, args.protocol)
     ds = data.build_dataset(args.dataset, args.split, transform, args.data_root)
     if args.strict and ds.unreadable:
         raise BenchError(f"{ds.unreadable} unreadable images in {args.dataset}/{args.split} (drop --strict to skip)")
@@ -112,14 +119,17 @@ def run(args):
             store = cache.load_images(ds, transform, args.cache_dir, args.strict)
         distributed.barrier(world)
     images, labels = store.batch(0, min(len(store), batch_size))
-    timing_images = timing_batch(images, batch_size).to(device)
+    timing_images = timing_batch(images.flatten(0, 1) if ds.views > 1 else images, batch_size).to(device)
+    video = getattr(transform, "protocol", None)  # video rows record their views, per-view GMACs and clips/s
     calibration = None
-    if any(m.needs_calibration for m in methods.values()):
+    if args.budget is not None or any(m.needs_calibration for m in methods.values()):
         if args.split == "val":
-            raise BenchError("methods that calibrate on the val split (dvt) must be measured on another --split")
+            raise BenchError("--budget and methods that calibrate on the val split (dvt) must be measured on "
+                             "another --split")
         calibration = preload(data.build_dataset(args.dataset, "val", data.eval_transform(backbone.model),
                                                  args.data_root).dataset)
     env = results.provenance(device, args.seed)
+    dense = budget.dense_gmacs(backbone.model, calibration[0]) if args.budget is not None else None
 
     plan = []
     for name, method in methods.items():
@@ -131,7 +141,9 @@ def run(args):
                       f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
                 continue
             loaded = models.load_model(checkpoint=path)
-        for knobs in method.sweep_points(overrides):
+        points = (budget.matched_points(method, loaded.model, args.budget, calibration, dense)
+                  if args.budget is not None else method.sweep_points(overrides))
+        for knobs in points:
             for knob in method.knobs:
                 knob.check(knobs[knob.name])
             plan.append((name, method, loaded, knobs))
@@ -148,7 +160,9 @@ def run(args):
         cell = {"method": name, "knobs": knobs, "model": loaded.name, "weights": loaded.weights,
                 "dataset": args.dataset, "split": args.split, "device": device.type,
                 "device_name": env["device_name"], "dtype": args.dtype, "batch_size": batch_size,
-                "threads": torch.get_num_threads() if device.type == "cpu" else None, "seed": args.seed}
+                "threads": torch.get_num_threads() if device.type == "cpu" else None, "seed": args.seed,
+                **({"protocol": str(video)} if video else {}),
+                **({"budget": args.budget} if args.budget is not None else {})}
         cid = results.cell_id(cell)
         if cid in timed and (timed[cid] or args.no_timing):
             log(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: already recorded, skipped")
@@ -157,15 +171,20 @@ def run(args):
         extra = {"calibration": calibration} if method.needs_calibration else {}
         model = method.build(loaded.model, **knobs, **extra).to(device).eval()
         start, stop = distributed.contiguous_slice(len(store), world)
-        local = (measure.evaluate(model, store.batches(batch_size, start, stop), device, args.dtype)
+        local = (measure.evaluate(model, store.batches(batch_size, start, stop), device, args.dtype, ds.views)
                  if stop > start else None)
         evaluation = distributed.gather(local, world)
         if not world.is_main:
             continue
         row = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
-               "n_unreadable": store.unreadable, "params": measure.parameter_count(model),
+               "n_unreadable": store.unreadable, "n_missing": ds.missing, "params": measure.parameter_count(model),
                "trained_with": loaded.meta.get("trained_with"),
                **evaluation.summary(), "provenance": env}
+        if args.budget is not None:
+            row.update(budget_achieved=row["gmacs"] / dense)
+        if video:
+            row.update(views=ds.views, gmacs_per_view=row["gmacs"] / ds.views, throughput_unit="clips/s",
+                       cls_substitute=getattr(model, "cls_substitute", None))
         if not args.no_timing:
             tp = measure.throughput(model, timing_images, device, args.dtype, repeats=args.repeats,
                                     warmup_s=2.0 if device.type == "cuda" else 0.5,
@@ -176,7 +195,8 @@ def run(args):
                        timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
                        peak_memory_mb=measure.peak_memory_mb(model, timing_images, device, args.dtype))
         results.append_result(results_path, row)
-        speed = f", {row['throughput']:.0f} img/s, {row['latency_ms']:.2f} ms at batch 1" if not args.no_timing else ""
+        unit = "clips/s" if video else "img/s"
+        speed = f", {row['throughput']:.0f} {unit}, {row['latency_ms']:.2f} ms at batch 1" if not args.no_timing else ""
         print(f"[{i}/{len(plan)}] {name} {fmt_knobs(knobs)}: top-1 {100 * row['top1']:.2f}%, "
               f"{row['gmacs']:.4g} GMACs{speed}", flush=True)
     log(f"done in {time.perf_counter() - started:.1f} s; {results_path}")
