@@ -53,7 +53,7 @@ class Knob:
         low_ok = value >= self.low if self.low_inclusive else value > self.low
         if not (low_ok and value <= self.high):
             lo = "[" if self.low_inclusive else "("
-            raise BenchError(f"--{self.name} {value} is outside {lo}{self.low:g}, {self.high:g}]")
+            raise BenchError(f"--{self.name} {value:g} is outside {lo}{self.low:g}, {self.high:g}]")
 
 
 def keep_rate_knob(sweep=(0.9, 0.8, 0.7, 0.6, 0.5), help="fraction of patch tokens kept at each reduction stage"):

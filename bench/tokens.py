@@ -344,6 +344,28 @@ def follow_tokens(state: TokenState, index: torch.Tensor, mask: torch.Tensor | N
         state.stages.append(state.source)
 
 
+class KeepRateReducer(TokenReducer):
+    """Keep ceil(keep_rate * n) of the n patch tokens with the highest `score` (EViT's schedule).
+
+    Subclasses define `score(x, state, info) -> [B, n]`. Keeping every token is a no-op that leaves the
+    token order alone, so the dense result is reproduced exactly.
+    """
+
+    def __init__(self, keep_rate: float):
+        super().__init__()
+        self.keep_rate = keep_rate
+
+    def score(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x, state, info):
+        n = x.shape[1] - state.prefix
+        k = keep_count(self.keep_rate, n)
+        if k == n:
+            return x
+        return keep_tokens(x, state, self.score(x, state, info).topk(k, dim=1).indices)
+
+
 def keep_count(keep_rate: float, n: int) -> int:
     """EViT's rule: ceil(keep_rate * n) of the n current patch tokens (n includes an earlier fused token)."""
     return min(n, math.ceil(keep_rate * n))

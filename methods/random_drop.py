@@ -1,28 +1,23 @@
 """Random drop: the top-k schedule, but the kept patch tokens are drawn uniformly at random per image.
 
 The baseline of the DynamicViT paper's ablation, placed as in EViT (after attention in blocks 3, 6, 9)
-so that it differs from `topk` only in which tokens survive. Seeded: the same seed gives the same tokens.
+so that it differs from `topk` only in which tokens survive. Seeded: the same `torch.manual_seed` before
+`build` (the harness's `--seed`) gives the same tokens.
 """
 
 import torch
 
 from bench.registry import Method, keep_rate_knob, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count, keep_tokens
+from bench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
 
 
-class RandomReducer(TokenReducer):
+class RandomReducer(KeepRateReducer):
     def __init__(self, keep_rate: float, generator: torch.Generator):
-        super().__init__()
-        self.keep_rate = keep_rate
+        super().__init__(keep_rate)
         self.generator = generator
 
-    def forward(self, x, state, info):
-        n = x.shape[1] - state.prefix
-        k = keep_count(self.keep_rate, n)
-        if k == n:
-            return x
-        noise = torch.rand(x.shape[0], n, generator=self.generator).to(x.device)
-        return keep_tokens(x, state, noise.topk(k, dim=1).indices)
+    def score(self, x, state, info):
+        return torch.rand(x.shape[0], x.shape[1] - state.prefix, generator=self.generator).to(x.device)
 
 
 @register_method
@@ -33,7 +28,6 @@ class RandomDrop(Method):
     summary = "keep random tokens at blocks 3/6/9 (seeded)"
 
     def build(self, model, keep=1.0):
-        """The token draws are seeded from torch's seed at build time (`bench --seed`)."""
         generator = torch.Generator().manual_seed(torch.initial_seed())
         blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
         return TokenReducedViT(model, {i: RandomReducer(keep, generator) for i in blocks})

@@ -6,23 +6,14 @@ Liang et al., "Not All Patches are What You Need" (EViT), ICLR 2022, rows withou
 """
 
 from bench.registry import Method, keep_rate_knob, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count, keep_tokens
+from bench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
 
 
-class TopKReducer(TokenReducer):
+class ClassAttentionReducer(KeepRateReducer):
     needs = frozenset({"cls_attn"})
 
-    def __init__(self, keep_rate: float):
-        super().__init__()
-        self.keep_rate = keep_rate
-
-    def forward(self, x, state, info):
-        n = x.shape[1] - state.prefix
-        k = keep_count(self.keep_rate, n)
-        if k == n:
-            return x
-        score = info.cls_attn[:, :, state.prefix:].mean(dim=1)
-        return keep_tokens(x, state, score.topk(k, dim=1).indices)
+    def score(self, x, state, info):
+        return info.cls_attn[:, :, state.prefix:].mean(dim=1)
 
 
 @register_method
@@ -34,4 +25,4 @@ class TopK(Method):
 
     def build(self, model, keep=1.0):
         blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
-        return TokenReducedViT(model, {i: TopKReducer(keep) for i in blocks})
+        return TokenReducedViT(model, {i: ClassAttentionReducer(keep) for i in blocks})

@@ -1,5 +1,6 @@
 """Shared fixtures: small seeded models, the real-data folder beside the checkout."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ def shared_data(sub: str) -> Path:
     if not path.exists():
         pytest.skip(f"real test data {path} is absent (it sits beside the checkout on the project's machines)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_store(tmp_path_factory):
+    """Keep the decoded-image store of test sweeps out of the user's ~/.cache."""
+    os.environ["TOKENBENCH_CACHE"] = str(tmp_path_factory.mktemp("image-store"))
 
 
 @pytest.fixture

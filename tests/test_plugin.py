@@ -3,6 +3,7 @@
 The package is the README's own plugin example, so the documented example is the tested one.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def plugin_path(tmp_path_factory):
 def tokenbench(plugin_path, *args):
     env_path = f"{plugin_path}:{Path(__file__).resolve().parents[1]}"
     return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
-                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=600)
+                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
+                               "TOKENBENCH_CACHE": os.environ["TOKENBENCH_CACHE"]}, timeout=600)
 
 
 def test_installed_plugin_is_listed(plugin_path):

@@ -9,12 +9,12 @@ from bench.cli import main
 from bench.registry import _REGISTRY, all_methods
 from bench.tokens import TokenReducedViT, default_reduction_blocks
 from methods.random_drop import RandomDrop
-from methods.topk import TopK, TopKReducer
+from methods.topk import ClassAttentionReducer, TopK
 
 WASTED_MATMULS = 100  # per reduction block: in all about twice the MACs of the dense forward
 
 
-class WastefulTopKReducer(TopKReducer):
+class WastefulTopKReducer(ClassAttentionReducer):
     """Top-k with a deliberate slowdown: matmuls whose results are thrown away (and not on the ledger)."""
 
     def forward(self, x, state, info):
