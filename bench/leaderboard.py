@@ -1,8 +1,9 @@
 """Leaderboards from results rows: a markdown table (tabulate) and Pareto plots (seaborn) per setting.
 
-One table and one pair of plots per (dataset, model, weights, device, dtype, batch): rows from
-different hardware or precision are never mixed. The dense baseline is the `none` row of the same
-setting; the Pareto front marks configurations that no other configuration beats on both axes.
+One table and one pair of plots per setting (dataset, device, dtype, batch) and dense backbone: rows
+from different hardware or precision are never mixed. Methods that bring their own trained weights
+(DVT's cascade, DynamicViT's predictors) join the table of the dense backbone of the same setting, with
+their weights named. The dense baseline is the `none` row; the Pareto front marks configurations that no other configuration beats on both axes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 
 from bench.results import read_results, results_files
 
-GROUP = ["dataset", "model", "weights", "device_name", "dtype", "batch_size"]
+SETTING = ["dataset", "device_name", "dtype", "batch_size"]
 
 
 def load_rows(directory: str | Path) -> pd.DataFrame:
@@ -41,6 +42,15 @@ def pareto_front(df: pd.DataFrame, cost: str, higher_cost_is_better: bool = Fals
 
 def slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(str(p) for p in parts)).strip("-")
+
+
+def backbone_tables(setting: pd.DataFrame):
+    """(backbone model, rows) per dense backbone; rows of models without a dense row join the first."""
+    backbones = list(dict.fromkeys(setting.loc[setting["method"] == "none", "model"])) or [setting["model"].iloc[0]]
+    others = ~setting["model"].isin(backbones)
+    for i, model in enumerate(backbones):
+        rows = (setting["model"] == model) | (others if i == 0 else False)
+        yield model, setting[rows]
 
 
 def group_table(g: pd.DataFrame) -> pd.DataFrame:
@@ -131,15 +141,19 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
              "as one (the papers' convention), per image, on the computation actually run; speedup is "
              "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front.",
              ""]
-    for key, g in df.groupby(GROUP, sort=True, dropna=False):
-        dataset, model, weights, device, dtype, batch = key
-        title = f"{dataset} · {model} ({weights}) · {device} · {dtype} · batch {batch}"
-        lines += [f"## {dataset} · {model}", "", settings_line(g) + f"; weights `{weights}`", ""]
-        lines.append(group_table(g).to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
-        stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
-        for path in plot_group(g, title, stem):
-            lines += ["", f"![{path.stem}](plots/{path.name})"]
-        lines.append("")
+    for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
+        for model, g in backbone_tables(setting):
+            title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}"
+            weights = ", ".join(f"`{w}`" for w in g.loc[g["method"] == "none", "weights"].unique())
+            lines += [f"## {dataset} · {model}", "", settings_line(g) + f"; dense weights {weights}", ""]
+            table = group_table(g)
+            if g["weights"].nunique() > 1:
+                table.insert(2, "weights", g["weights"].map(lambda w: w.split("@")[0]))
+            lines.append(table.to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
+            stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
+            for path in plot_group(g, title, stem):
+                lines += ["", f"![{path.stem}](plots/{path.name})"]
+            lines.append("")
     path = out_dir / "leaderboard.md"
     path.write_text("\n".join(lines))
     return path
