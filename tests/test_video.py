@@ -18,7 +18,7 @@ from bench.results import read_results
 from bench.tokens import TokenReducedViT, TokenState, run_attention
 from bench.video import sinusoid_table
 from bench.video_data import VideoProtocol, VideoTransform, frame_indices, moving_digits_split
-from tests.conftest import shared_data
+from conftest import shared_data
 
 
 @pytest.fixture
