@@ -7,6 +7,7 @@ from bench import data
 from bench.commands.bench import batches, preload
 from bench.measure import evaluate
 from bench.models import load_model
+from conftest import shared_data
 
 
 def test_embedded_weights_reach_their_recorded_test_accuracy():
@@ -30,3 +31,14 @@ def test_digits_splits_are_disjoint_stratified_and_fixed():
         assert not keys & seen
         seen |= keys
     assert all((splits["test"][1] == c).sum() >= 50 for c in range(10))
+
+
+def test_cifar10_reference_weights_reach_their_recorded_test_accuracy():
+    root = shared_data("cifar10")
+    loaded = load_model("vit_cifar10")
+    assert loaded.meta["command"].startswith("tokenbench train --model vit_cifar10 --dataset cifar10")
+    test = data.build_dataset("cifar10", "test", data.eval_transform(loaded.model), str(root))
+    images, labels = preload(test.dataset)
+    result = evaluate(loaded.model, batches(images, labels, 500), torch.device("cpu"))
+    assert result.n_images == 10_000
+    assert result.top1 == pytest.approx(loaded.meta["test_top1"], abs=2e-4)
