@@ -26,6 +26,35 @@ def image_store(tmp_path_factory):
     os.environ["TOKENBENCH_CACHE"] = str(tmp_path_factory.mktemp("image-store"))
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tokenbench checkpoint of the embedded architecture with seeded random weights (for sweep mechanics)."""
+    from bench.models import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
+    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {})
+    return path
+
+
+def train_steps(loss_fn, parameters, steps: int, lr: float = 1e-3, seed: int | None = None) -> list[float]:
+    """A few AdamW steps on `loss_fn()`; the losses, for tests that training lowers the loss.
+
+    `seed` reseeds torch before each step, so stochastic losses (Gumbel noise) move only with the weights.
+    """
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def tiny_vit():
     """The embedded architecture with seeded random weights (fast; weights do not matter for shapes)."""

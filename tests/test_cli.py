@@ -3,21 +3,10 @@
 import json
 
 import pytest
-import timm
 import torch
 
 from bench.cli import main
-from bench.models import save_checkpoint
 from bench.results import read_results
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tokenbench checkpoint of the embedded architecture (random weights; the sweep mechanics are tested)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
-    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {"note": "test"})
-    return path
 
 
 def run(*argv):

@@ -7,14 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
-import torch
 
 from bench import distributed
 from bench.cli import main
 from bench.leaderboard import load_rows
 from bench.measure import Evaluation
-from bench.models import save_checkpoint
 from bench.registry import BenchError
 from bench.results import read_results, results_files
 
@@ -25,14 +22,6 @@ VOLATILE = {"provenance", "cell_id", "device_name"}
 @pytest.fixture(autouse=True)
 def image_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENBENCH_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
-    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {})
-    return path
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 540, 1003])

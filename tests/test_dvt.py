@@ -7,6 +7,7 @@ import timm
 import torch
 
 from bench import models
+from conftest import train_steps
 from bench.ledger import flop_counter_gmacs, measure_gmacs
 from bench.registry import BenchError, get_method
 from methods.dvt import DVTCascade, EarlyExitDVT, exit_choice, search_thresholds
@@ -142,15 +143,8 @@ def test_training_lowers_the_loss_and_checkpoints_reload_exactly(tmp_path, image
     model = cascade()
     trainee, loss = get_method("dvt").training_loss(model)
     labels = torch.arange(6) % 10
-    opt = torch.optim.AdamW(trainee.parameters(), lr=1e-3)
     trainee.train()
-    losses = []
-    for _ in range(5):
-        value = loss(trainee, images, labels)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+    losses = train_steps(lambda: loss(trainee, images, labels), trainee.parameters(), steps=5)
     assert losses[-1] < losses[0]
     model.eval()
     path = tmp_path / "dvt.pt"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bench import models
+from conftest import train_steps
 from bench.ledger import flop_counter_gmacs, measure_gmacs
 from bench.registry import BenchError, get_method
 
@@ -47,17 +48,10 @@ def test_training_lowers_the_loss_moves_only_predictors_and_reloads(tmp_path, ti
     trainee, loss = method.training_loss(tiny_vit, keep=0.7)
     trainable = [p for p in trainee.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in tiny_vit.token_predictors.parameters())
-    opt = torch.optim.AdamW(trainable, lr=3e-3)
     labels = torch.arange(4)
     trainee.train()
-    losses = []
-    for _ in range(8):
-        torch.manual_seed(0)  # the same Gumbel noise each step: the loss moves only with the weights
-        value = loss(trainee, digit_images, labels)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+    # the same Gumbel noise each step (seed 0): the loss moves only with the weights
+    losses = train_steps(lambda: loss(trainee, digit_images, labels), trainable, steps=8, lr=3e-3, seed=0)
     assert losses[-1] < losses[0]
     tiny_vit.eval()
     assert all(torch.equal(tiny_vit.state_dict()[k], v) for k, v in backbone.items())

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import models
+from conftest import train_steps
 from bench.commands.train import method_knobs
 from bench.registry import get_method, knob_by_name
 
@@ -25,15 +26,8 @@ def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit
     trainee, loss = get_method("evit").training_loss(tiny_vit, keep=0.5)
     assert loss is None and trainee.vit is tiny_vit
     labels = torch.arange(4)
-    opt = torch.optim.AdamW(trainee.parameters(), lr=1e-3)
     trainee.train()
-    losses = []
-    for _ in range(4):
-        value = F.cross_entropy(trainee(digit_images), labels)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+    losses = train_steps(lambda: F.cross_entropy(trainee(digit_images), labels), trainee.parameters(), steps=4)
     assert losses[-1] < losses[0]
     tiny_vit.eval()
     path = tmp_path / "evit_ft.pt"

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from plain_vit import one_thread  # noqa: F401  (autouse fixture)
@@ -10,15 +9,6 @@ from plain_vit import one_thread  # noqa: F401  (autouse fixture)
 from bench.cli import main
 from bench.commands.speed import parse_cell
 from bench.commands.visualize import DROPPED, describe, patch_owners, render
-from bench.models import save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"
-    save_checkpoint(path, timm.create_model("vit_digits"), "vit_digits", {})
-    return path
 
 
 @pytest.fixture(scope="module")
