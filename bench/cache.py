@@ -5,6 +5,9 @@ applied once per image and kept as uint8 `[N, 3, H, W]` in a memory-mapped `.npy
 identity (its files, sizes and mtimes), the split and that part of the transform; the float conversion and
 normalisation run once per sweep (kept in memory up to 2 GiB, else per batch). A second sweep (or a second
 process of a data-parallel run) reads the same store instead of decoding JPEGs again.
+
+Transforms of another shape (video views) are kept as floats when they fit in those 2 GiB; a bigger set
+(Kinetics-400 val is terabytes of views) is streamed: decoded again, by worker processes, at every pass.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
 from bench.data import DatasetInfo, Unreadable
@@ -91,6 +95,27 @@ class ImageStore:
             yield self.batch(i, min(i + batch_size, stop))
 
 
+@dataclass
+class StreamedStore:
+    """A set too big to keep: every `batches` pass decodes and preprocesses it again in `workers` processes."""
+
+    dataset: Dataset
+    unreadable: int
+    workers: int
+    cached: bool = False
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return default_collate([self.dataset[i] for i in range(start, stop)])
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else stop
+        yield from DataLoader(Subset(self.dataset, range(start, stop)), batch_size=batch_size,
+                              num_workers=self.workers)
+
+
 def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None):
     """Apply `steps` to every image once; unreadable images are counted (or fail the run under strict)."""
     dataset, kept, unreadable, images = ds.dataset, [], 0, None
@@ -117,16 +142,27 @@ def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None):
     return images, np.asarray(dataset.labels)[kept], unreadable, len(kept)
 
 
-def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None, strict: bool = False) -> ImageStore:
-    """Every image of `ds` preprocessed once, from the store under `cache_dir` when it is already there."""
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None, strict: bool = False,
+                workers: int | None = None) -> ImageStore | StreamedStore:
+    """Every image of `ds` preprocessed once, from the store under `cache_dir` when it is already there.
+
+    Video views are kept as floats in memory when they fit `FLOAT_MEMORY_BYTES`, else streamed.
+    """
     split = split_transform(transform)
-    if split is None or not hasattr(ds.dataset, "read"):  # other transforms (video views): floats in memory
+    if split is None or not hasattr(ds.dataset, "read"):
+        if not len(ds.dataset):
+            raise BenchError(f"no images in {ds.name}/{ds.split}")
+        first = ds.dataset[0][0]
+        if len(ds.dataset) * first.numel() * first.element_size() > FLOAT_MEMORY_BYTES:
+            return StreamedStore(ds.dataset, ds.unreadable, default_workers() if workers is None else workers)
         images, labels = [], []
         for x, y in DataLoader(ds.dataset, batch_size=256, num_workers=0):
             images.append(x)
             labels.append(y)
-        if not images:
-            raise BenchError(f"no images in {ds.name}/{ds.split}")
         return ImageStore(torch.cat(images).numpy(), torch.cat(labels).numpy(), None, None, ds.unreadable, False)
     steps, mean, std = split
     key = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "dataset": ds.name, "split": ds.split,

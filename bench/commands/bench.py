@@ -38,6 +38,9 @@ def add_parser(sub):
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of counting it")
     p.add_argument("--cache-dir", default=None,
                    help="store of decoded, preprocessed images reused across sweeps (default ~/.cache/tokenbench)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes for a video set too big to keep in memory, decoded at every "
+                        "configuration (default: min(8, cores))")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run cells I, I+N, ... of the sorted sweep; rows go to OUT/results-shard-I-of-N.jsonl")
     distributed.add_submitit_options(p)
@@ -116,7 +119,7 @@ def run(args):
         raise BenchError(f"{ds.unreadable} unreadable images in {args.dataset}/{args.split} (drop --strict to skip)")
     for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
         if (turn == "first") == world.is_main:
-            store = cache.load_images(ds, transform, args.cache_dir, args.strict)
+            store = cache.load_images(ds, transform, args.cache_dir, args.strict, args.workers)
         distributed.barrier(world)
     images, labels = store.batch(0, min(len(store), batch_size))
     timing_images = timing_batch(images.flatten(0, 1) if ds.views > 1 else images, batch_size).to(device)
@@ -150,7 +153,8 @@ def run(args):
     plan = distributed.shard_of(plan, shard, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
     log = print if world.is_main else (lambda *a, **k: None)
 
-    cached = "from the image cache" if store.cached else "decoded now"
+    cached = ("streamed, decoded at every configuration" if isinstance(store, cache.StreamedStore)
+              else "from the image cache" if store.cached else "decoded now")
     log(f"{len(plan)} configurations of {len(methods)} methods on {args.model} ({backbone.weights}), "
         f"{args.dataset}/{args.split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
         f"{env['device_name']}, {args.dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
