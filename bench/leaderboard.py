@@ -53,6 +53,10 @@ def backbone_tables(setting: pd.DataFrame):
         yield model, setting[rows]
 
 
+def is_video(g: pd.DataFrame) -> bool:
+    return "protocol" in g and g["protocol"].notna().any()
+
+
 def group_table(g: pd.DataFrame) -> pd.DataFrame:
     dense = g[g["method"] == "none"]
     base = dense.iloc[-1] if len(dense) else None
@@ -64,7 +68,7 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
         "Δ top-1": 100 * (g["top1"] - base["top1"]) if base is not None else float("nan"),
         "GMACs": g["gmacs"],
         "GMACs ÷ dense": g["gmacs"] / base["gmacs"] if base is not None else float("nan"),
-        "img/s": g["throughput"],
+        "clips/s" if is_video(g) else "img/s": g["throughput"],
         "speedup": g["throughput"] / base["throughput"] if base is not None else float("nan"),
         "latency ms (b=1)": g["latency_ms"],
         "Pareto": front.map({True: "★", False: ""}),
@@ -86,7 +90,7 @@ def settings_line(g: pd.DataFrame) -> str:
     last = g.iloc[-1]
     if isinstance(last.get("protocol"), str):  # video: views per video, and what stands in for a class token
         bits.append(f"video protocol {last['protocol']} ({int(last['views'])} views per video: GMACs are per "
-                    "video, img/s are clips per second)")
+                    "video; throughput counts clips, one view each)")
         substitutes = g["cls_substitute"].dropna().unique() if "cls_substitute" in g else []
         if len(substitutes):
             bits.append(f"no class token: class-attention methods rank tokens by the {substitutes[0]}")
@@ -101,7 +105,9 @@ def plot_group(g: pd.DataFrame, title: str, path_stem: Path) -> list[Path]:
     import seaborn as sns
 
     written = []
-    axes_spec = [("gmacs", "GMACs per image (mean)", False), ("throughput", "throughput (images/s)", True)]
+    item = "video" if is_video(g) else "image"
+    axes_spec = [("gmacs", f"GMACs per {item} (mean)", False),
+                 ("throughput", "throughput (clips/s)" if item == "video" else "throughput (images/s)", True)]
     for cost, label, higher in axes_spec:
         if g[cost].isna().all():
             continue

@@ -305,9 +305,13 @@ def test_kinetics_csv_counts_missing_and_undecodable_and_labels_by_the_map(tmp_p
 
 
 @pytest.mark.slow
-def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path):
-    """Decode, sample 2 clips x 3 crops, run dense and top-k through a random-init VideoMAE-shaped ViT."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path, monkeypatch, capsys, streamed):
+    """Decode, sample 2 clips x 3 crops, run dense and top-k through a random-init VideoMAE-shaped ViT;
+    streamed (as a set too big for memory is), the clips are decoded again by worker processes."""
     pytest.importorskip("av")
+    if streamed:
+        monkeypatch.setattr("bench.cache.FLOAT_MEMORY_BYTES", 0)
     root = kinetics_root(tmp_path)
     torch.manual_seed(0)
     kwargs = dict(depth=4, embed_dim=32, num_heads=1)
@@ -317,7 +321,8 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path):
     out = tmp_path / "runs"
     assert main(["bench", "--method", "none,topk", "--keep", "0.5", "--checkpoint", str(ckpt), "--dataset",
                  "kinetics400", "--data-root", str(root), "--split", "val", "--protocol", "16x4x2x3",
-                 "--no-timing", "--batch-size", "2", "--out", str(out)]) == 0
+                 "--no-timing", "--batch-size", "2", "--workers", "2", "--out", str(out)]) == 0
+    assert ("streamed, decoded at every configuration" in capsys.readouterr().out) == streamed
     dense, topk = read_results(out / "results.jsonl")
     for row in (dense, topk):
         assert (row["n_images"], row["n_missing"], row["n_unreadable"], row["views"]) == (2, 1, 1, 6)
@@ -325,6 +330,25 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path):
         assert row["gmacs"] == pytest.approx(6 * row["gmacs_per_view"])
     assert dense["tokens_per_block"] == [1568] * 4 and topk["tokens_per_block"] == [1568, 1568, 784, 392]
     assert dense["cls_substitute"] is None and topk["cls_substitute"] == "mean attention received"
+
+
+def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkeypatch):
+    def sweep(out):
+        assert main(["bench", "--method", "none,evit", "--keep", "0.5", "--dataset", "moving-digits",
+                     "--no-timing", "--workers", "1", "--out", str(out)]) == 0
+        return [(r["top1"], r["gmacs"], r["n_images"]) for r in read_results(out / "results.jsonl")]
+
+    kept = sweep(tmp_path / "kept")
+    monkeypatch.setattr("bench.cache.FLOAT_MEMORY_BYTES", 0)
+    assert sweep(tmp_path / "streamed") == kept
+
+
+def test_video_leaderboard_counts_clips_and_videos(tmp_path):
+    assert main(["bench", "--method", "none", "--dataset", "moving-digits", "--repeats", "1", "--out",
+                 str(tmp_path)]) == 0
+    assert main(["leaderboard", "--results", str(tmp_path)]) == 0
+    header = next(line for line in (tmp_path / "leaderboard.md").read_text().splitlines() if "top-1 %" in line)
+    assert "clips/s" in header and "img/s" not in header
 
 
 def test_embedded_video_weights_reach_their_recorded_val_accuracy():
