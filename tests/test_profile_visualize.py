@@ -75,3 +75,12 @@ def test_speed_cells_parse_with_the_methods_own_knobs():
     assert parse_cell("tome:r=13") == ("tome", {"r": 13, "inflect": 0.0})
     assert parse_cell("evit:keep=0.7") == ("evit", {"keep": 0.7})
     assert run("speed", "--cell", "tome:keep=0.7") == 2
+
+
+def test_speed_table_under_bf16_autocast(capsys):
+    assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--batch-size", "4", "--rounds", "2",
+               "--warmup", "0", "--dtype", "bf16") == 0
+    out = capsys.readouterr().out
+    assert ", bf16, 2 rounds" in out
+    topk = next(line.split() for line in out.splitlines() if line.startswith("topk"))
+    assert float(topk[2]) < float(next(line.split() for line in out.splitlines() if line.startswith("none"))[2])

@@ -18,6 +18,7 @@ import torch
 from tabulate import tabulate
 
 from bench import models
+from bench.measure import DTYPES, autocast
 from bench.commands.profile import input_shape
 from bench.ledger import measure_gmacs
 from bench.registry import BenchError, get_method
@@ -36,6 +37,7 @@ def add_parser(sub):
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs dense and every method once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype of every forward")
     return p
 
 
@@ -58,10 +60,11 @@ def _sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def interleaved_times(models_by_cell: list, images: torch.Tensor, rounds: int, warmup: int) -> list[list[float]]:
+def interleaved_times(models_by_cell: list, images: torch.Tensor, rounds: int, warmup: int,
+                      dtype: str = "fp32") -> list[list[float]]:
     """Seconds per forward, [rounds][model], with the order of the models rotating every round."""
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(images.device, dtype):
         for r in range(warmup + rounds):
             row = [0.0] * len(models_by_cell)
             for j in range(len(models_by_cell)):
@@ -95,8 +98,8 @@ def run(args):
     gmacs = [measure_gmacs(m, images[:8].to(device)).gmacs.mean().item() for m in built]
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"{loaded.name} ({loaded.weights}), batch {args.batch_size} at {tuple(images.shape[1:])}, {device.type}"
-          f"{threads}, {args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
-    times = np.array(interleaved_times(built, images.to(device), args.rounds, args.warmup))
+          f"{threads}, {args.dtype}, {args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
+    times = np.array(interleaved_times(built, images.to(device), args.rounds, args.warmup, args.dtype))
     dense_ms = statistics.median(times[:, 0]) * 1e3
     rows = [["none", "-", f"{gmacs[0]:.3f}", "1.000", f"{dense_ms:.0f}", "1.000", "-", "-"]]
     for j, (name, knobs) in enumerate(cells, 1):
