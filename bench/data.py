@@ -36,6 +36,7 @@ class DatasetInfo:
     unreadable: int = 0  # images that could not be decoded and were left out
     missing: int = 0  # listed files that are not there (videos lost to YouTube attrition)
     views: int = 1  # views per item (video clips x crops): items are [views, ...] when more than one
+    mirror_invariant: bool = True  # labels survive a horizontal flip (not so for digits), so training may mirror
 
 
 def register_dataset(name: str):
@@ -103,7 +104,8 @@ def digits_split(split: str):
 @register_dataset("digits")
 def digits(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     images, labels = digits_split(split)
-    return DatasetInfo(ArrayImages(images, labels, transform), "digits", split, num_classes=10)
+    return DatasetInfo(ArrayImages(images, labels, transform), "digits", split, num_classes=10,
+                       mirror_invariant=False)
 
 
 # --- Real datasets -------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ predictions are averaged. `videomae` is VideoMAE's Kinetics-400 test protocol, 1
 
 Datasets (items are uint8 [C, N, H, W] videos run through the `VideoTransform`):
 - `moving-digits`: the embedded default, no download. Each scikit-learn digit (split as `digits`)
-  drawn 2x on a 32x32 canvas, moving on a seeded straight path that bounces off the edges, 8 frames.
+  drawn 2x on a 32x32 canvas, moving on a seeded straight path that bounces off the edges, 8 frames;
+  val and test paths are fixed, the train split draws a new path at every read.
 - `kinetics400`: clips decoded with PyAV from `--data-root`, listed by the official annotation CSV
   or a `path label` list; missing and undecodable videos are counted, not fatal.
 """
@@ -144,10 +145,8 @@ def eval_transform(model: torch.nn.Module, protocol: str | None = None) -> Video
 CANVAS, FRAMES, SCALE = 32, 8, 2
 
 
-def moving_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 clips [N, T, 32, 32] and labels: each digit of the split bouncing along a seeded path."""
-    images, labels = digits_split(split)
-    rng = np.random.default_rng({"train": 0, "val": 1, "test": 2}[split])
+def render_moving(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 clips [N, T, 32, 32]: each 8x8 digit drawn 2x, bouncing off the edges along a path drawn from `rng`."""
     digit = SCALE * images.shape[1]
     room = CANVAS - digit
     clips = np.zeros((len(images), FRAMES, CANVAS, CANVAS), dtype=np.uint8)
@@ -159,11 +158,22 @@ def moving_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
         path = np.abs((start[i] + velocity[i] * steps + room) % (2 * room) - room)  # reflect at both edges
         for t, (y, x) in enumerate(path):
             clips[i, t, y:y + digit, x:x + digit] = big
-    return clips, labels
+    return clips
+
+
+def moving_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The val or test clips on their fixed seeded paths, and their labels."""
+    images, labels = digits_split(split)
+    return render_moving(images, np.random.default_rng({"val": 1, "test": 2}[split])), labels
+
+
+def grey_video(clip: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W] -> the 3-channel [3, T, H, W] video a model's transform takes."""
+    return torch.from_numpy(clip)[None].expand(3, -1, -1, -1)
 
 
 class ArrayVideos(Dataset):
-    """In-memory grey uint8 clips [N, T, H, W] as 3-channel [3, T, H, W] videos through `transform`."""
+    """In-memory grey uint8 clips [N, T, H, W] through `transform`."""
 
     def __init__(self, clips: np.ndarray, labels: np.ndarray, transform: Callable):
         self.clips, self.labels, self.transform = clips, labels, transform
@@ -172,15 +182,36 @@ class ArrayVideos(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        video = torch.from_numpy(self.clips[i])[None].expand(3, -1, -1, -1)
-        return self.transform(video), int(self.labels[i])
+        return self.transform(grey_video(self.clips[i])), int(self.labels[i])
+
+
+class FreshPathVideos(Dataset):
+    """The train split: every read draws the digit a new path, so training sees endless motion.
+
+    The generator is seeded, so a process that reads in the same order sees the same clips and a training
+    run repeats exactly; one fixed path per training digit would give a ViT far fewer positions to learn from.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(grey_video(render_moving(self.images[i:i + 1], self.rng)[0])), int(self.labels[i])
 
 
 @register_dataset("moving-digits")
 def moving_digits(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
-    clips, labels = moving_digits_split(split)
-    return DatasetInfo(ArrayVideos(clips, labels, transform), "moving-digits", split, num_classes=10,
-                       views=getattr(transform, "views", 1))
+    if split == "train":
+        images, labels = digits_split(split)
+        videos = FreshPathVideos(images, labels, transform)
+    else:
+        videos = ArrayVideos(*moving_digits_split(split), transform)
+    return DatasetInfo(videos, "moving-digits", split, num_classes=10, views=getattr(transform, "views", 1),
+                       mirror_invariant=False)
 
 
 # --- Kinetics-400 ------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def run(args):
     knobs = method_knobs(method, args) if method else {}
     trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
     eval_tf = data.eval_transform(model)
-    train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=args.dataset != "digits"), args.data_root).dataset
+    train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=probe.mirror_invariant), args.data_root).dataset
     val_loader = DataLoader(data.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
     test_loader = DataLoader(data.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
