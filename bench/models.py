@@ -162,7 +162,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
 
 
 def load_videomae_folder(folder: Path) -> LoadedModel:
-    """A Hugging Face VideoMAE classifier folder (config.json + safetensors), mapped onto our video ViT."""
+    """A Hugging Face VideoMAE classifier folder (config.json + weights), mapped onto our video ViT."""
     model, config, files = video.load_videomae(folder)
     digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     meta = {"source": "huggingface-videomae", "config": config.get("_name_or_path") or folder.name}

@@ -10,7 +10,7 @@ Registered models: `vit_video_digits` (the embedded default for `moving-digits`,
 `tokenbench train` and shipped in `bench/assets`), and the VideoMAE shapes (`videomae_{small,base,
 large}_patch16_224`: 16 frames, 2x16x16 tubelets, 1,568 tokens, no class token, mean pooling with
 `fc_norm`, fixed sinusoid positions). `load_videomae(folder)` reads a Hugging Face
-`VideoMAEForVideoClassification` folder (config.json + safetensors) into them by key mapping.
+`VideoMAEForVideoClassification` folder (config.json + safetensors or pytorch_model.bin) into them by key mapping.
 """
 
 from __future__ import annotations
@@ -142,21 +142,30 @@ def videomae_large_patch16_224(pretrained: bool = False, **kwargs) -> VideoVisio
 
 # --- Hugging Face VideoMAE checkpoints ---------------------------------------------------------------
 
-def read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """Every tensor of `model.safetensors` (or of the shards its index lists) in `folder`."""
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Every tensor of a Hugging Face folder: `model.safetensors`, else `pytorch_model.bin` (read with
+    weights_only=True, so no code is unpickled), either possibly sharded with an index file."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            break
+        if (folder / name).is_file():
+            files = [folder / name]
+            break
     else:
-        files = [folder / "model.safetensors"]
+        raise BenchError(f"{folder} has neither model.safetensors nor pytorch_model.bin; expected a Hugging Face "
+                         "VideoMAE folder (config.json and the weights)")
     state = {}
     for f in files:
         if not f.is_file():
-            raise BenchError(f"{folder} has no {f.name}; expected a Hugging Face VideoMAE folder "
-                             "(config.json and model.safetensors)")
-        state.update(load_file(f))
+            raise BenchError(f"{folder} lacks {f.name}, a shard its index lists")
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(f))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
     return state, files
 
 
@@ -224,7 +233,7 @@ def load_videomae(folder: str | Path) -> tuple[VideoVisionTransformer, dict, lis
         raise BenchError(f"{folder} has no config.json; expected a Hugging Face VideoMAE folder")
     config = json.loads(config_path.read_text())
     kwargs = videomae_kwargs(config)
-    hf_state, files = read_safetensors(folder)
+    hf_state, files = read_hf_weights(folder)
     model = VideoVisionTransformer(class_token=False, global_pool="avg", fixed_pos_embed=True,
                                    protocol=f"{kwargs['num_frames']}x4x5x3", **kwargs)
     model.fc_norm = nn.LayerNorm(model.embed_dim)

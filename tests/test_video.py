@@ -163,18 +163,23 @@ def reference_videomae(state: dict, cfg: dict, video: torch.Tensor) -> torch.Ten
     return F.linear(pooled, s["classifier.weight"], s["classifier.bias"])
 
 
-def write_hf_folder(folder, cfg, state):
+def write_hf_folder(folder, cfg, state, weights="model.safetensors"):
     from safetensors.torch import save_file
 
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    state = {k: v.contiguous() for k, v in state.items()}
+    if weights == "model.safetensors":
+        save_file(state, str(folder / weights))
+    else:
+        torch.save(state, folder / weights)
 
 
-def test_videomae_safetensors_load_exactly(tmp_path):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_videomae_folder_loads_exactly(tmp_path, weights):
     pytest.importorskip("safetensors")
     state = random_hf_videomae(HF_CONFIG)
-    write_hf_folder(tmp_path / "videomae-tiny", HF_CONFIG, state)
+    write_hf_folder(tmp_path / "videomae-tiny", HF_CONFIG, state, weights)
     loaded = load_model(checkpoint=tmp_path / "videomae-tiny")
     model = loaded.model
     assert loaded.name == "videomae:videomae-tiny" and loaded.weights.startswith("file:videomae-tiny@sha256:")
@@ -203,6 +208,10 @@ def test_videomae_folder_with_foreign_keys_is_a_clear_error(tmp_path):
     write_hf_folder(tmp_path / "short", HF_CONFIG, state)
     with pytest.raises(BenchError, match="lacks 'classifier.bias'"):
         load_model(checkpoint=tmp_path / "short")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(HF_CONFIG))
+    with pytest.raises(BenchError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_model(checkpoint=tmp_path / "empty")
 
 
 def test_videomae_shapes():
