@@ -155,7 +155,7 @@ def run(args):
 
     cached = ("streamed, decoded at every configuration" if isinstance(store, cache.StreamedStore)
               else "from the image cache" if store.cached else "decoded now")
-    log(f"{len(plan)} configurations of {len(methods)} methods on {args.model} ({backbone.weights}), "
+    log(f"{len(plan)} configurations of {len(methods)} methods on {backbone.name} ({backbone.weights}), "
         f"{args.dataset}/{args.split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
         f"{env['device_name']}, {args.dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
         f"{f', {world.size} processes' if world.size > 1 else ''} -> {results_path}")
