@@ -4,7 +4,8 @@ Two parts, both covering every registered method automatically:
 
 - **Exact** (hard gate): tokens entering each block, ledger GMACs and FlopCounterMode GMACs of every
   method at every default sweep point, on two fixed random-init models (`vit_digits` and DeiT-S shapes,
-  seeded weights and inputs, one CPU thread), must equal the committed snapshot. Any change fails with a
+  seeded weights and inputs, one CPU thread), must equal the committed snapshot. Methods that calibrate
+  on held-out images (DVT) run their shipped weights on the embedded digits instead. Any change fails with a
   table of what changed. The FlopCounterMode column catches compute a method forgets to put on the ledger.
 - **Speed** (wall-clock, noise-aware): each method's speedup over the dense timm model at the middle
   point of its sweep, measured in one process at one thread with the two interleaved (AB, BA, ...),
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bench import models
+from bench import data, models
 from bench.ledger import flop_counter_gmacs, measure_gmacs
 from bench.registry import BenchError, Method, all_methods
 from bench.results import cpu_name
@@ -46,6 +47,7 @@ UPDATE_COMMAND = "tokenbench regression --update"
 
 SEED = 0
 SNAPSHOT_MODELS = {"vit_digits": 4, "deit_small_patch16_224": 2}  # model -> images per forward
+CALIBRATION_DATASET = "digits"  # real held-out images for methods that calibrate (DVT's exit thresholds)
 REL_TOL = 1e-9  # "exact": only float summation order may differ
 
 TOLERANCE = 0.2  # fail below (1 - TOLERANCE) x the baseline speedup
@@ -106,12 +108,44 @@ def snapshot_entry(method: Method, backbone: nn.Module, images: torch.Tensor, kn
         model = method.build(backbone, **knobs).eval()
     except BenchError as err:  # the method does not apply to this model (recorded, so a change shows)
         return {"error": str(err)}
+    return entry_of(model, images)
+
+
+def entry_of(model: nn.Module, images: torch.Tensor) -> dict:
     ledger = measure_gmacs(model, images)
     return {
         "tokens": [round(float(t), 6) for t in ledger.tokens_per_block().mean(dim=0)],
         "gmacs": float(ledger.gmacs.mean()),
         "fcm_gmacs": flop_counter_gmacs(model, images) / images.shape[0],
     }
+
+
+def calibrated_inputs(method: Method, model_name: str, batch: int):
+    """(shipped model, calibration, images) for a method that calibrates on held-out images with its own
+    trained architecture (DVT's cascade and exit thresholds), or an error entry where no weights are shipped.
+
+    Random weights and noise would make every image leave at the same exit, so such a method is
+    checked on real data: its checkpoint for `model_name` on the embedded digits, calibrated on their
+    val split and measured on the first `batch` test images.
+    """
+    from bench.commands.bench import preload
+
+    checkpoint = method.checkpoint_for(model_name, CALIBRATION_DATASET)
+    if checkpoint is None:
+        return {"error": f"{method.name} ships no weights for {model_name} on {CALIBRATION_DATASET}"}
+    model = models.load_model(checkpoint=checkpoint).model
+    transform = data.eval_transform(model)
+    calibration = preload(data.build_dataset(CALIBRATION_DATASET, "val", transform).dataset)
+    images, _ = preload(data.build_dataset(CALIBRATION_DATASET, "test", transform).dataset)
+    return model, calibration, images[:batch]
+
+
+def calibrated_entry(method: Method, inputs, knobs: dict) -> dict:
+    if isinstance(inputs, dict):
+        return inputs
+    model, calibration, images = inputs
+    torch.manual_seed(SEED)
+    return entry_of(method.build(model, **knobs, calibration=calibration).eval(), images)
 
 
 def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int] | None = None) -> dict:
@@ -121,10 +155,15 @@ def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int
         for model_name, batch in (model_batches or SNAPSHOT_MODELS).items():
             backbone = random_model(model_name)
             images = random_images(backbone, batch)
-            out[model_name] = {
-                name: {point_label(knobs): snapshot_entry(cls(), backbone, images, knobs)
-                       for knobs in cls.sweep_points()}
-                for name, cls in methods.items()}
+            out[model_name] = {}
+            for name, cls in methods.items():
+                method = cls()
+                if cls.needs_calibration:
+                    inputs = calibrated_inputs(method, model_name, 4 * batch)
+                    entries = {point_label(k): calibrated_entry(method, inputs, k) for k in cls.sweep_points()}
+                else:
+                    entries = {point_label(k): snapshot_entry(method, backbone, images, k) for k in cls.sweep_points()}
+                out[model_name][name] = entries
     return out
 
 
