@@ -81,11 +81,20 @@ def git_state() -> dict:
         return {"git_sha": None, "git_dirty": None}
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a virtual
+    machine may report only "AMD EPYC", and the numbers still tell CPU generations apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = (f" (family {fields['cpu family']}, model {fields['model']})"
+                       if "cpu family" in fields and "model" in fields else "")
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or platform.machine()

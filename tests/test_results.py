@@ -2,7 +2,7 @@
 
 import json
 
-from bench.results import append_result, cell_id, read_results
+from bench.results import append_result, cell_id, cpu_name, read_results
 
 
 def test_append_and_read_back(tmp_path):
@@ -32,3 +32,12 @@ def test_cell_id_is_stable_and_key_order_free():
 
 def test_missing_file_reads_as_empty(tmp_path):
     assert read_results(tmp_path / "none.jsonl") == []
+
+
+def test_cpu_name_tells_generations_apart_when_the_model_name_does_not(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+                    "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n")
+    assert cpu_name(info) == "AMD EPYC (family 26, model 2)"
+    info.write_text("model name\t: Neoverse-V2\n")
+    assert cpu_name(info) == "Neoverse-V2"
