@@ -85,16 +85,11 @@ def fmt_knobs(knobs: dict) -> str:
     return " ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
 
 
-def run(args):
-    if args.submitit:  # submitted from a login node: the jobs check the device
-        distributed.parse_shard(args.shard)
-        distributed.submit(args)
-        return 0
+def checked_options(args) -> tuple[torch.device, int, dict, dict]:
+    """(device, batch size, methods by name, knob overrides), or a BenchError naming the bad option."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
     if batch_size < 1 or args.repeats < 1:
         raise BenchError("--batch-size and --repeats must be at least 1")
@@ -105,13 +100,55 @@ def run(args):
     for name in overrides:
         if name not in known_knobs:
             raise BenchError(f"--{name} is not a knob of {', '.join(names)}")
+    return device, batch_size, methods, overrides
 
+
+def plan_cells(methods: dict, backbone, args, overrides: dict, calibration, dense) -> list[tuple]:
+    """(method name, method, loaded model, knobs) per configuration: the sweep, or the budget-matched points."""
+    plan = []
+    for name, method in methods.items():
+        loaded = backbone
+        if method.needs_training:
+            path = args.checkpoint if len(methods) == 1 and args.checkpoint else method.checkpoint_for(args.model, args.dataset)
+            if path is None:
+                print(f"{name}: skipped, it needs weights trained with it "
+                      f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
+                continue
+            loaded = models.load_model(checkpoint=path)
+        points = (budget.matched_points(method, loaded.model, args.budget, calibration, dense)
+                  if args.budget is not None else method.sweep_points(overrides))
+        for knobs in points:
+            for knob in method.knobs:
+                knob.check(knobs[knob.name])
+            plan.append((name, method, loaded, knobs))
+    return plan
+
+
+def timing_fields(model, images: torch.Tensor, device: torch.device, args) -> dict:
+    """Throughput at the batch, batch-1 latency and peak memory, as row fields."""
+    cuda = device.type == "cuda"
+    tp = measure.throughput(model, images, device, args.dtype, repeats=args.repeats,
+                            warmup_s=2.0 if cuda else 0.5, min_repeat_s=0.2 if cuda else 0.1)
+    lat = measure.latency(model, images, device, args.dtype, repeats=args.repeats,
+                          warmup_s=1.0 if cuda else 0.3, min_repeat_s=0.05)
+    return dict(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
+                timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
+                peak_memory_mb=measure.peak_memory_mb(model, images, device, args.dtype))
+
+
+def run(args):
+    if args.submitit:  # submitted from a login node: the jobs check the device
+        distributed.parse_shard(args.shard)
+        distributed.submit(args)
+        return 0
+    device, batch_size, methods, overrides = checked_options(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.model = args.model or ("vit_video_digits" if args.dataset == "moving-digits" else "vit_digits")
     shard = distributed.parse_shard(args.shard)
     world, device = distributed.init(device)
     backbone = models.load_model(args.model, args.checkpoint, args.pretrained)
-    out = Path(args.out)
-    results_path = out / distributed.results_name(shard)
+    results_path = Path(args.out) / distributed.results_name(shard)
     timed = {row["cell_id"]: row.get("throughput") is not None for row in results.read_results(results_path)}
     transform = data.eval_transform(backbone.model, args.protocol)
     ds = data.build_dataset(args.dataset, args.split, transform, args.data_root)
@@ -133,23 +170,7 @@ def run(args):
                                                  args.data_root).dataset)
     env = results.provenance(device, args.seed)
     dense = budget.dense_gmacs(backbone.model, calibration[0]) if args.budget is not None else None
-
-    plan = []
-    for name, method in methods.items():
-        loaded = backbone
-        if method.needs_training:
-            path = args.checkpoint if len(methods) == 1 and args.checkpoint else method.checkpoint_for(args.model, args.dataset)
-            if path is None:
-                print(f"{name}: skipped, it needs weights trained with it "
-                      f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
-                continue
-            loaded = models.load_model(checkpoint=path)
-        points = (budget.matched_points(method, loaded.model, args.budget, calibration, dense)
-                  if args.budget is not None else method.sweep_points(overrides))
-        for knobs in points:
-            for knob in method.knobs:
-                knob.check(knobs[knob.name])
-            plan.append((name, method, loaded, knobs))
+    plan = plan_cells(methods, backbone, args, overrides, calibration, dense)
     plan = distributed.shard_of(plan, shard, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
     log = print if world.is_main else (lambda *a, **k: None)
 
@@ -190,14 +211,7 @@ def run(args):
             row.update(views=ds.views, gmacs_per_view=row["gmacs"] / ds.views, throughput_unit="clips/s",
                        cls_substitute=getattr(model, "cls_substitute", None))
         if not args.no_timing:
-            tp = measure.throughput(model, timing_images, device, args.dtype, repeats=args.repeats,
-                                    warmup_s=2.0 if device.type == "cuda" else 0.5,
-                                    min_repeat_s=0.2 if device.type == "cuda" else 0.1)
-            lat = measure.latency(model, timing_images, device, args.dtype, repeats=args.repeats,
-                                  warmup_s=1.0 if device.type == "cuda" else 0.3, min_repeat_s=0.05)
-            row.update(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
-                       timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
-                       peak_memory_mb=measure.peak_memory_mb(model, timing_images, device, args.dtype))
+            row.update(timing_fields(model, timing_images, device, args))
         results.append_result(results_path, row)
         unit = "clips/s" if video else "img/s"
         speed = f", {row['throughput']:.0f} {unit}, {row['latency_ms']:.2f} ms at batch 1" if not args.no_timing else ""

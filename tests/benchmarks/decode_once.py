@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from bench import cache, data, models
 from bench.cli import main
 from bench.registry import get_method
-from bench.results import read_results
+from bench.results import cpu_name, read_results
 
 METHODS = ("none", "topk", "random", "evit", "tome", "ats")
 
@@ -87,7 +86,7 @@ def main_(argv=None):
     report = {
         "command": "python tests/benchmarks/decode_once.py " + " ".join(argv or []),
         "configurations": configurations, "images": len(store), "model": args.model, "model_kwargs": kwargs,
-        "threads": args.threads, "batch_size": args.batch_size, "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads, "batch_size": args.batch_size, "cpu": cpu_name(),
         "sweep_seconds": seconds, "model_only_seconds": model_only,
         **{f"ratio_{run}_{clock}": seconds[run][clock] / model_only[clock]
            for run in seconds for clock in ("wall", "cpu")},
