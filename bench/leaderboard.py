@@ -41,7 +41,7 @@ def pareto_front(df: pd.DataFrame, cost: str, higher_cost_is_better: bool = Fals
 
 
 def slug(*parts) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(str(p) for p in parts)).strip("-")
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)).strip("-") for p in parts)
 
 
 def backbone_tables(setting: pd.DataFrame):
@@ -89,7 +89,8 @@ def settings_line(g: pd.DataFrame) -> str:
              f"measured {p['time_utc'][:10]}"]
     last = g.iloc[-1]
     if isinstance(last.get("protocol"), str):  # video: views per video, and what stands in for a class token
-        bits.append(f"video protocol {last['protocol']} ({int(last['views'])} views per video: GMACs are per "
+        views = int(last["views"])
+        bits.append(f"video protocol {last['protocol']} ({views} view{'s' * (views != 1)} per video: GMACs are per "
                     "video; throughput counts clips, one view each)")
         substitutes = g["cls_substitute"].dropna().unique() if "cls_substitute" in g else []
         if len(substitutes):
