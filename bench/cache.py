@@ -116,15 +116,36 @@ class StreamedStore:
                               num_workers=self.workers)
 
 
-def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None):
-    """Apply `steps` to every image once; unreadable images are counted (or fail the run under strict)."""
-    dataset, kept, unreadable, images = ds.dataset, [], 0, None
-    for i in range(len(dataset)):
+class Preprocessing(Dataset):
+    """(index, preprocessed pixels, None) or (index, None, why unreadable) per image: what `decode` spreads
+    over worker processes."""
+
+    def __init__(self, dataset, steps):
+        self.dataset, self.steps = dataset, steps
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
         try:
-            pixels = np.asarray(steps(dataset.read(i)))
+            return i, np.asarray(self.steps(self.dataset.read(i))), None
         except Unreadable as err:
+            return i, None, str(err)
+
+
+def as_is(item):
+    return item
+
+
+def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None, workers: int = 0):
+    """Apply `steps` to every image once, in `workers` processes (0: this one), keeping the dataset's order;
+    unreadable images are counted (or fail the run under strict)."""
+    dataset, kept, unreadable, images = ds.dataset, [], 0, None
+    loader = DataLoader(Preprocessing(dataset, steps), batch_size=None, num_workers=workers, collate_fn=as_is)
+    for i, pixels, why in loader:
+        if pixels is None:
             if strict:
-                raise BenchError(f"unreadable image {err} (drop --strict to count and skip it)") from None
+                raise BenchError(f"unreadable image {why} (drop --strict to count and skip it)")
             unreadable += 1
             continue
         pixels = pixels.transpose(2, 0, 1) if pixels.dtype == np.uint8 else pixels
@@ -148,9 +169,8 @@ def default_workers() -> int:
 
 def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None, strict: bool = False,
                 workers: int | None = None) -> ImageStore | StreamedStore:
-    """Every image of `ds` preprocessed once, from the store under `cache_dir` when it is already there.
-
-    Video views are kept as floats in memory when they fit `FLOAT_MEMORY_BYTES`, else streamed.
+    """Every image of `ds` preprocessed once (by `workers` processes), from the store under `cache_dir` when it
+    is already there. Video views are kept as floats in memory when they fit `FLOAT_MEMORY_BYTES`, else streamed.
     """
     split = split_transform(transform)
     if split is None or not hasattr(ds.dataset, "read"):
@@ -158,7 +178,8 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
             raise BenchError(f"no images in {ds.name}/{ds.split}")
         first = ds.dataset[0][0]
         if len(ds.dataset) * first.numel() * first.element_size() > FLOAT_MEMORY_BYTES:
-            return StreamedStore(ds.dataset, ds.unreadable, default_workers() if workers is None else workers)
+            workers = default_workers() if workers is None else workers
+            return StreamedStore(ds.dataset, ds.unreadable, workers)
         images, labels = [], []
         for x, y in DataLoader(ds.dataset, batch_size=256, num_workers=0):
             images.append(x)
@@ -174,7 +195,8 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
         store.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{store.name}-", dir=store.parent))
         try:
-            images, labels, unreadable, n = decode(ds, steps, strict, out_dir=work)
+            workers = default_workers() if workers is None else workers
+            images, labels, unreadable, n = decode(ds, steps, strict, work, workers)
             images.flush()
             del images
             np.save(work / "labels.npy", labels)

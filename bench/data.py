@@ -139,7 +139,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: list[str], labels: list[int], transform: Callable, archive: Path | None = None):
         self.paths, self.labels, self.transform, self.archive = paths, np.asarray(labels, dtype=np.int64), transform, archive
-        self._zip = None
+        self._zip, self._zip_pid = None, None
 
     def __len__(self):
         return len(self.paths)
@@ -149,8 +149,8 @@ class ImageFiles(Dataset):
             if self.archive is not None:
                 import zipfile
 
-                if self._zip is None:
-                    self._zip = zipfile.ZipFile(self.archive)
+                if self._zip is None or self._zip_pid != os.getpid():  # a forked worker opens its own handle
+                    self._zip, self._zip_pid = zipfile.ZipFile(self.archive), os.getpid()
                 with self._zip.open(self.paths[i]) as f:
                     image = Image.open(io.BytesIO(f.read()))
             else:
@@ -163,7 +163,7 @@ class ImageFiles(Dataset):
         return self.transform(self.read(i)), int(self.labels[i])
 
     def __getstate__(self):  # a zip handle does not cross process boundaries
-        return {**self.__dict__, "_zip": None}
+        return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
     @property
     def identity(self) -> str:

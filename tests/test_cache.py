@@ -1,7 +1,9 @@
 """The decode-once image store: exact pixels, reuse across runs, invalidation, unreadable images."""
 
 import os
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -87,3 +89,22 @@ def test_batches_kept_in_memory_equal_batches_made_per_step(image_folder, tmp_pa
     monkeypatch.setattr(cache, "FLOAT_MEMORY_BYTES", 0)
     stepped = [torch.cat(t) for t in zip(*store.batches(4, 1, 6))]
     assert all(torch.equal(a, b) for a, b in zip(kept, stepped)) and len(kept[1]) == 5
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["files", "zip"])
+def test_decoding_in_worker_processes_gives_the_same_store(image_folder, tmp_path, archive):
+    (image_folder / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    transform = imagenet_style()
+    ds = data.build_dataset("folder", "test", transform, str(image_folder))
+    if archive:  # members of one zip, as CIFAR's train.zip is read: each worker needs its own handle
+        zipped = tmp_path / "images.zip"
+        with zipfile.ZipFile(zipped, "w") as z:
+            for path in ds.dataset.paths:
+                z.write(path, arcname=os.path.relpath(path, image_folder))
+        members = [os.path.relpath(p, image_folder) for p in ds.dataset.paths]
+        ds.dataset = data.ImageFiles(members, ds.dataset.labels, transform, archive=zipped)
+        ds.dataset.read(0)  # the parent process has a handle open before the workers fork
+    here = cache.load_images(ds, transform, tmp_path / "here", workers=0)
+    spread = cache.load_images(ds, transform, tmp_path / "spread", workers=2)
+    assert (len(here), here.unreadable) == (len(spread), spread.unreadable) == (6, 1)
+    assert np.array_equal(here.images, spread.images) and np.array_equal(here.labels, spread.labels)

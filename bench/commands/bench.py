@@ -39,8 +39,8 @@ def add_parser(sub):
     p.add_argument("--cache-dir", default=None,
                    help="store of decoded, preprocessed images reused across sweeps (default ~/.cache/tokenbench)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes for a video set too big to keep in memory, decoded at every "
-                        "configuration (default: min(8, cores))")
+                   help="decoding processes: for the image store, and for a video set too big to keep in memory "
+                        "(decoded at every configuration); 0 decodes in this process (default: min(8, cores))")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run cells I, I+N, ... of the sorted sweep; rows go to OUT/results-shard-I-of-N.jsonl")
     distributed.add_submitit_options(p)
