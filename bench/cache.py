@@ -172,13 +172,13 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
     """Every image of `ds` preprocessed once (by `workers` processes), from the store under `cache_dir` when it
     is already there. Video views are kept as floats in memory when they fit `FLOAT_MEMORY_BYTES`, else streamed.
     """
+    workers = default_workers() if workers is None else workers
     split = split_transform(transform)
     if split is None or not hasattr(ds.dataset, "read"):
         if not len(ds.dataset):
             raise BenchError(f"no images in {ds.name}/{ds.split}")
         first = ds.dataset[0][0]
         if len(ds.dataset) * first.numel() * first.element_size() > FLOAT_MEMORY_BYTES:
-            workers = default_workers() if workers is None else workers
             return StreamedStore(ds.dataset, ds.unreadable, workers)
         images, labels = [], []
         for x, y in DataLoader(ds.dataset, batch_size=256, num_workers=0):
@@ -195,7 +195,6 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
         store.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{store.name}-", dir=store.parent))
         try:
-            workers = default_workers() if workers is None else workers
             images, labels, unreadable, n = decode(ds, steps, strict, work, workers)
             images.flush()
             del images
