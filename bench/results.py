@@ -68,13 +68,17 @@ def append_result(path: str | Path, row: dict) -> None:
 
 
 @lru_cache(maxsize=1)
-def git_state() -> dict:
-    """The git sha and dirty flag of the tokenbench checkout in use (None outside a checkout)."""
-    root = Path(__file__).resolve().parent.parent
+def git_state(root: Path = Path(__file__).resolve().parent.parent) -> dict:
+    """The git sha and dirty flag of the tokenbench checkout in use (None outside a checkout).
+
+    Dirty means uncommitted changes to tracked files outside `results/`: regenerating a committed
+    leaderboard rewrites its own folder while it runs, and that says nothing about the code measured.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=root,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip() != ""
         return {"git_sha": sha, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):

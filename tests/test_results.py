@@ -1,8 +1,9 @@
 """Results storage: whole lines only, torn lines ignored and repaired, stable configuration ids."""
 
 import json
+import subprocess
 
-from bench.results import append_result, cell_id, cpu_name, read_results
+from bench.results import append_result, cell_id, cpu_name, git_state, read_results
 
 
 def test_append_and_read_back(tmp_path):
@@ -41,3 +42,22 @@ def test_cpu_name_tells_generations_apart_when_the_model_name_does_not(tmp_path)
     assert cpu_name(info) == "AMD EPYC (family 26, model 2)"
     info.write_text("model name\t: Neoverse-V2\n")
     assert cpu_name(info) == "Neoverse-V2"
+
+
+def test_git_state_is_dirty_for_code_changes_not_for_committed_results(tmp_path):
+    state = git_state.__wrapped__  # uncached: git_state is asked once per process
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "bench.py").write_text("x = 1\n")
+    (tmp_path / "results" / "rows.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    assert state(tmp_path)["git_dirty"] is False
+    (tmp_path / "results" / "rows.jsonl").unlink()  # a sweep regenerating a committed leaderboard
+    assert state(tmp_path)["git_dirty"] is False
+    (tmp_path / "bench.py").write_text("x = 2\n")
+    assert state(tmp_path)["git_dirty"] is True
