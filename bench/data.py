@@ -87,6 +87,11 @@ class ArrayImages(Dataset):
         return self.transform(self.read(i)), int(self.labels[i])
 
 
+DIGITS_PREPROCESSING = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+                           crop_mode="center", interpolation="bilinear")
+"""The timm data config of every model on `digits`: the 8x8 scans upscaled to 32x32, scaled to [-1, 1]."""
+
+
 def digits_split(split: str):
     """scikit-learn's digits as uint8 images and labels; 60% train, 10% val, 30% test, stratified, seed 0."""
     from sklearn.datasets import load_digits

@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from bench.data import DIGITS_PREPROCESSING
 from bench.registry import BenchError, all_methods, get_method
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,10 +27,8 @@ EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt", "vit_cifar10": ASSET
                     "vit_video_digits": ASSETS / "vit_video_digits.pt"}
 
 default_cfgs = generate_default_cfgs({
-    "vit_digits.tokenbench": dict(
-        input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center",
-        interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj", classifier="head",
-        license="apache-2.0"),
+    "vit_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="patch_embed.proj",
+                                  classifier="head", license="apache-2.0"),
     "vit_cifar10.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
         crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj",

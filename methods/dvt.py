@@ -29,6 +29,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from bench.data import DIGITS_PREPROCESSING
 from bench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs, linear_macs_per_token,
                           norm_macs_per_token)
 from bench.registry import BenchError, Knob, Method, register_method
@@ -369,10 +370,8 @@ def build_cascade(grids: list[dict], feature_reuse: bool, relation_reuse: bool, 
 
 
 default_cfgs = generate_default_cfgs({
-    "dvt_digits.tokenbench": dict(
-        input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="center",
-        interpolation="bilinear", num_classes=10, first_conv="stages.0.vit.patch_embed.proj", classifier="head",
-        license="apache-2.0"),
+    "dvt_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
+                                  classifier="head", license="apache-2.0"),
     "dvt_deit_small.untrained": dict(
         input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
         num_classes=1000, first_conv="stages.0.vit.patch_embed.proj", classifier="head", license="apache-2.0"),
