@@ -1,11 +1,15 @@
 """Fine-tuning any registered method with `tokenbench train --method X --init CHECKPOINT`."""
 
 import argparse
+import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 
 from bench import models
+from bench.cli import main
 from conftest import train_steps
 from bench.commands.train import method_knobs
 from bench.registry import get_method, knob_by_name
@@ -36,3 +40,20 @@ def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit
     assert loaded.meta["trained_with"] == "evit" and loaded.weights.startswith("file:evit_ft.pt")
     with torch.inference_mode():
         assert torch.equal(loaded.model(digit_images), tiny_vit(digit_images))
+
+
+@pytest.mark.parametrize("dataset, mirrored", [("digits", False), ("moving-digits", False), ("mirrorable-digits", True)])
+def test_training_mirrors_only_mirror_invariant_datasets(tmp_path, monkeypatch, dataset, mirrored):
+    from bench import data
+    from bench.commands import train as train_command
+
+    def mirrorable_digits(split, transform, root=None):
+        return dataclasses.replace(data.digits(split, transform, root), mirror_invariant=True)
+
+    monkeypatch.setitem(data._DATASETS, "mirrorable-digits", mirrorable_digits)
+    seen = []
+    monkeypatch.setattr(train_command, "train", lambda model, train_set, *a, **k: seen.append(train_set) or [{}])
+    model = "vit_video_digits" if dataset == "moving-digits" else "vit_digits"
+    assert main(["train", "--model", model, "--dataset", dataset, "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 0
+    steps = seen[0].transform.transforms
+    assert any(isinstance(t, transforms.RandomHorizontalFlip) for t in steps) == mirrored

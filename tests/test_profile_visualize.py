@@ -77,10 +77,15 @@ def test_speed_cells_parse_with_the_methods_own_knobs():
     assert run("speed", "--cell", "tome:keep=0.7") == 2
 
 
-def test_speed_table_under_bf16_autocast(capsys):
+def test_speed_table_under_bf16_autocast(capsys, monkeypatch):
+    from bench.commands import speed
+
+    dtypes = []
+    real = speed.autocast
+    monkeypatch.setattr(speed, "autocast", lambda device, dtype: dtypes.append(dtype) or real(device, dtype))
     assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--batch-size", "4", "--rounds", "2",
                "--warmup", "0", "--dtype", "bf16") == 0
     out = capsys.readouterr().out
-    assert ", bf16, 2 rounds" in out
+    assert ", bf16, 2 rounds" in out and dtypes == ["bf16"]
     topk = next(line.split() for line in out.splitlines() if line.startswith("topk"))
     assert float(topk[2]) < float(next(line.split() for line in out.splitlines() if line.startswith("none"))[2])

@@ -252,6 +252,15 @@ def test_moving_digits_are_deterministic_moving_digits():
     assert all(not np.array_equal(clips[i, 0], clips[i, -1]) for i in range(10))  # and it moved
 
 
+def test_moving_digits_train_split_draws_a_new_seeded_path_at_every_read():
+    first, again = (data.build_dataset("moving-digits", "train", lambda v: v).dataset for _ in range(2))
+    reads = [first[0][0] for _ in range(3)]
+    assert not torch.equal(reads[0], reads[1]) and not torch.equal(reads[1], reads[2])
+    replay = [again[0][0] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(reads, replay))  # a fresh dataset replays the same paths
+    assert reads[0].sum() == reads[1].sum()  # the same digit, elsewhere
+
+
 def test_video_dataset_through_model_transform(video_vit):
     ds = data.build_dataset("moving-digits", "test", data.eval_transform(video_vit))
     x, y = ds.dataset[0]
@@ -341,15 +350,17 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path, monkeypatch, capsy
     assert dense["cls_substitute"] is None and topk["cls_substitute"] == "mean attention received"
 
 
-def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkeypatch):
+def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkeypatch, capsys):
     def sweep(out):
         assert main(["bench", "--method", "none,evit", "--keep", "0.5", "--dataset", "moving-digits",
                      "--no-timing", "--workers", "1", "--out", str(out)]) == 0
-        return [(r["top1"], r["gmacs"], r["n_images"]) for r in read_results(out / "results.jsonl")]
+        streamed = "streamed, decoded at every configuration" in capsys.readouterr().out
+        return streamed, [(r["top1"], r["gmacs"], r["n_images"]) for r in read_results(out / "results.jsonl")]
 
-    kept = sweep(tmp_path / "kept")
+    in_memory, kept = sweep(tmp_path / "kept")
     monkeypatch.setattr("bench.cache.FLOAT_MEMORY_BYTES", 0)
-    assert sweep(tmp_path / "streamed") == kept
+    streamed, rows = sweep(tmp_path / "streamed")
+    assert (in_memory, streamed) == (False, True) and rows == kept
 
 
 def test_video_leaderboard_counts_clips_and_videos(tmp_path):
