@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests`, `nox -s regression`, `nox -s bench -- --method all`,
+"""Sessions: `nox -s tests`, `nox -s tests_oldest`, `nox -s regression`, `nox -s bench -- --method all`,
 `nox -s leaderboard -- --results DIR`.
 
 torch and torchvision are pinned as a pair: PyPI's builds of these two versions import together on
@@ -15,6 +15,8 @@ nox.options.sessions = ["tests"]
 
 PYTHON = "3.11"
 TORCH = ["torch==2.13.0", "torchvision==0.28.0"]
+TIMM_FLOOR = "timm==1.0.16"  # the oldest timm tokenbench runs on (pyproject.toml's floor): tests_oldest checks it
+TESTS = ["tests", "--pyargs", "tokenbench.testing"]  # the suite, and the conformance suite as installed
 
 
 def install(session, extras=None):
@@ -33,10 +35,18 @@ def option_value(args, name):
 
 @nox.session(python=PYTHON)
 def tests(session):
-    """Run the test suite (pass pytest options after --)."""
+    """Run the test suite and the conformance suite (or pass pytest arguments after --)."""
     install(session, "test")
     session.install("pip", "setuptools")  # the plugin test installs a package with pip
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *(session.posargs or TESTS))
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_oldest(session):
+    """The fast tests on the oldest timm tokenbench claims to support."""
+    install(session, "test")
+    session.install("pip", "setuptools", TIMM_FLOOR)
+    session.run("pytest", "-m", "not slow", *(session.posargs or TESTS))
 
 
 @nox.session(python=PYTHON, default=False)

@@ -1,6 +1,24 @@
-"""tokenbench: one harness for token-reduction methods on Vision Transformers."""
+"""tokenbench: one harness for token-reduction methods on Vision Transformers.
 
-from bench.registry import BenchError, Knob, Method, keep_rate_knob, register_method
+The Python API (see the README): `load_model`, `apply`, `gmacs`, `evaluate`, `sweep` and `methods()`. They load torch
+and timm on first use, so that importing tokenbench (and starting its command line) stays fast.
+"""
 
-__all__ = ["BenchError", "Knob", "Method", "keep_rate_knob", "register_method"]
-__version__ = "0.1.0"
+import importlib
+import importlib.metadata
+
+from tokenbench.errors import BenchError
+from tokenbench.registry import Knob, Method, get_method, keep_rate_knob, knob_label, register_method
+
+__version__ = importlib.metadata.version("tokenbench")
+__all__ = ["BenchError", "Knob", "Method", "apply", "evaluate", "get_method", "gmacs", "keep_rate_knob",
+           "knob_label", "load_model", "methods", "register_method", "sweep"]
+_API = {"apply", "evaluate", "gmacs", "load_model", "sweep"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module("tokenbench.api"), name)
+    if name == "methods":  # the subpackage of built-in methods, callable: tokenbench.methods() lists them all
+        return importlib.import_module("tokenbench.methods")
+    raise AttributeError(f"module 'tokenbench' has no attribute {name!r}")

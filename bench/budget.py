@@ -11,14 +11,14 @@ on the evaluation split, can land slightly off F; results rows record both.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from bench.ledger import measure_gmacs
-from bench.registry import BenchError, Knob, Method, get_method
+from tokenbench.ledger import measure_gmacs
+from tokenbench.errors import BenchError
+from tokenbench.registry import Knob, Method, get_method, knob_label
 
 FLOAT_STEP = 0.005  # grid of a fractional knob: finer than one token of 196 for keep rates
 PROBE_IMAGES = 8  # images that tell a fixed-rate method (same cost on each) from an adaptive one
@@ -38,7 +38,7 @@ def candidates(knob: Knob, model: nn.Module) -> list:
     if knob.kind is int and knob.noop == knob.low:  # e.g. ToMe's r: 0, 1, 2, ... (nothing changes past the patches)
         return list(range(int(knob.noop), int(knob.noop) + model.patch_embed.num_patches + 1))
     if knob.kind is float and knob.noop >= knob.high:  # keep rates: 1, 0.995, ... (ATS: inf, then 1, 0.995, ...)
-        top = knob.high if math.isfinite(knob.high) else max(knob.sweep)
+        top = knob.high if knob.noop == knob.high else max(knob.sweep)
         grid = [round(top - i * FLOAT_STEP, 6) for i in range(int(round((top - max(knob.low, 0.0)) / FLOAT_STEP)))]
         grid = [v for v in grid if v > knob.low or (knob.low_inclusive and v == knob.low)]
         return ([knob.noop] if knob.noop != top else []) + grid
@@ -115,7 +115,7 @@ def matched_points(method: Method, model: nn.Module, fraction: float, calibratio
         log(f"{method.name}: skipped, {err}")
         return []
     how = f"calibrated on {len(held_out)} held-out images" if choice.adaptive else "fixed rate"
-    label = " ".join(f"{k}={v:g}" for k, v in choice.knobs.items()) or "as is"
+    label = knob_label(choice.knobs) if choice.knobs else "as is"
     log(f"{method.name}: {label} for budget {fraction:g} x dense: {choice.gmacs:.4g} GMACs "
         f"({choice.gmacs / dense:.3f} x dense, {how}, {choice.evaluations} values tried)")
     return [choice.knobs]

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
-from bench.data import DatasetInfo, Unreadable
-from bench.registry import BenchError
+from tokenbench.data import DatasetInfo, Unreadable
+from tokenbench.errors import BenchError
 
 FORMAT_VERSION = 1
 FLOAT_MEMORY_BYTES = 2 << 30  # a sweep's normalised images up to this size are made once, not per configuration

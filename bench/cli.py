@@ -1,7 +1,7 @@
-"""The `tokenbench` command line (also `python -m bench`).
+"""The `tokenbench` command line (also `python -m tokenbench`): a thin layer over the Python API.
 
-Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`;
-this file only wires them together and turns user errors into one-line messages with exit code 2.
+Each subcommand lives in `tokenbench.commands` with `add_parser(subparsers)` and `run(args) -> int`; this
+file wires them together and turns user errors into one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -10,34 +10,27 @@ import argparse
 import importlib
 import sys
 
-from bench.registry import BenchError
+from tokenbench.errors import BenchError
 
-SUBCOMMANDS = [
-    "bench.commands.methods",
-    "bench.commands.bench",
-    "bench.commands.leaderboard",
-    "bench.commands.train",
-    "bench.commands.dvt_ablation",
-    "bench.commands.regression",
-    "bench.commands.profile",
-    "bench.commands.visualize",
-    "bench.commands.speed",
-]
+COMMANDS = ["methods", "bench", "leaderboard", "train", "dvt_ablation", "regression", "profile", "visualize", "speed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenbench", description="Benchmark token-reduction methods for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(name)
-        sp = module.add_parser(sub)
-        sp.set_defaults(run=module.run)
+    for name in COMMANDS:
+        module = importlib.import_module(f"tokenbench.commands.{name}")
+        module.add_parser(sub).set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except BenchError as err:  # a broken plugin, named
+        print(f"tokenbench: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0

@@ -1,4 +1,4 @@
-"""Datasets: a registry of builders returning torch datasets of (image tensor, label).
+"""Image datasets: builders returning torch datasets of (image tensor, label) (`datasets` names them).
 
 Every dataset is preprocessed with the model's own eval transform (timm's `resolve_data_config` /
 `create_transform`), so a user's model gets the preprocessing it was trained with.
@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bench.registry import BenchError
+from tokenbench.errors import BenchError
 
 SPLITS = ("train", "val", "test")
-_DATASETS: dict[str, Callable[..., "DatasetInfo"]] = {}
 
 
 @dataclass
@@ -37,38 +35,6 @@ class DatasetInfo:
     missing: int = 0  # listed files that are not there (videos lost to YouTube attrition)
     views: int = 1  # views per item (video clips x crops): items are [views, ...] when more than one
     mirror_invariant: bool = True  # labels survive a horizontal flip (not so for digits), so training may mirror
-
-
-def register_dataset(name: str):
-    def decorator(fn):
-        _DATASETS[name] = fn
-        return fn
-    return decorator
-
-
-def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
-
-
-def build_dataset(name: str, split: str, transform: Callable, root: str | None = None, **options) -> DatasetInfo:
-    if name not in _DATASETS:
-        raise BenchError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
-    if split not in SPLITS:
-        raise BenchError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    return _DATASETS[name](split=split, transform=transform, root=root, **options)
-
-
-def eval_transform(model: torch.nn.Module, protocol: str | None = None):
-    """The model's eval preprocessing, from its pretrained config; video models sample views by `protocol`."""
-    from timm.data import create_transform, resolve_data_config
-
-    from bench import video, video_data
-
-    if isinstance(model, video.VideoVisionTransformer):
-        return video_data.eval_transform(model, protocol)
-    if protocol is not None:
-        raise BenchError("a video protocol applies to video models only")
-    return create_transform(**resolve_data_config({}, model=model))
 
 
 class ArrayImages(Dataset):
@@ -106,7 +72,6 @@ def digits_split(split: str):
     return images[chosen], digits.target[chosen]
 
 
-@register_dataset("digits")
 def digits(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     images, labels = digits_split(split)
     return DatasetInfo(ArrayImages(images, labels, transform), "digits", split, num_classes=10,
@@ -271,21 +236,16 @@ def cifar(name: str, classes: tuple[str, ...], tv_class, split: str, transform: 
     return DatasetInfo(ArrayImages(images, labels, transform), name, split, len(classes), unreadable)
 
 
-@register_dataset("cifar10")
 def cifar10(split: str, transform: Callable, root: str | None = None, **options) -> DatasetInfo:
     from torchvision.datasets import CIFAR10
 
     return cifar("cifar10", CIFAR10_CLASSES, CIFAR10, split, transform, root, **options)
 
 
-@register_dataset("cifar100")
 def cifar100(split: str, transform: Callable, root: str | None = None, **options) -> DatasetInfo:
     from torchvision.datasets import CIFAR100
 
     return cifar("cifar100", CIFAR100_CLASSES, CIFAR100, split, transform, root, **options)
-
-
-from bench import video_data  # noqa: E402,F401  (registers moving-digits and kinetics400)
 
 
 IMAGENET_LAYOUT = """  ROOT/val/<wnid>/<image>.JPEG   the usual validation layout (any subset of the 1,000 classes)
@@ -332,7 +292,6 @@ def label_file(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-@register_dataset("imagenet")
 def imagenet(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     if root is None or not Path(root).is_dir():
         raise missing_root("imagenet", root, IMAGENET_LAYOUT)
@@ -365,7 +324,6 @@ FOLDER_LAYOUT = """  ROOT/<split>/<class>/<image>   with split one of train, val
 classes are numbered in sorted folder-name order."""
 
 
-@register_dataset("folder")
 def folder(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     """A user's own images, one folder per class."""
     if root is None or not Path(root).is_dir():

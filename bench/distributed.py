@@ -1,6 +1,6 @@
 """Scaling a sweep out with existing engines: torchrun data parallelism, `--shard i/n`, and SLURM via submitit.
 
-- Data parallel (`torchrun --nproc_per_node=N -m bench bench ...`): every process evaluates one contiguous
+- Data parallel (`torchrun --nproc_per_node=N -m tokenbench bench ...`): every process evaluates one contiguous
   slice of the images (sizes differ by at most one; no padding, no duplicates, unlike DistributedSampler),
   the per-rank results are gathered in rank order and merged, and rank 0 times and writes the row, so the
   row is the one a single process would write.
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench.measure import Evaluation
-from bench.registry import BenchError
+from tokenbench.measure import Evaluation
+from tokenbench.errors import BenchError
 
 
 @dataclass(frozen=True)
@@ -110,22 +110,6 @@ def results_name(shard: tuple[int, int] | None) -> str:
 
 # --- submitit -------------------------------------------------------------------------------------
 
-def add_submitit_options(p):
-    g = p.add_argument_group("SLURM via submitit (pip install 'tokenbench[slurm]')")
-    g.add_argument("--submitit", action="store_true", help="submit the sweep as a job array instead of running it")
-    g.add_argument("--jobs", type=int, default=1, help="shards of the sweep, one array job each (default 1)")
-    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job; that many processes run data parallel")
-    g.add_argument("--nodes", type=int, default=1, help="nodes per job (data parallel across them)")
-    g.add_argument("--slurm-partition", default=None)
-    g.add_argument("--slurm-account", default=None)
-    g.add_argument("--timeout-min", type=int, default=60)
-    g.add_argument("--cpus-per-task", type=int, default=None)
-    g.add_argument("--array-parallelism", type=int, default=None, help="at most this many array jobs at once")
-    g.add_argument("--submitit-folder", default=None, help="logs and pickles (default: OUT/submitit/%%j)")
-    g.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
-                   help="submitit executor (default: slurm where sbatch exists, else local)")
-
-
 def task_environment():
     """Inside a multi-task submitit job: export the rank variables torchrun would set."""
     import submitit
@@ -137,18 +121,18 @@ def task_environment():
                           MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
 
 
-def run_shard(args, shard: str) -> int:
-    """What one array job runs: this sweep's `tokenbench bench` restricted to `shard`."""
-    import argparse
-
-    from bench.commands import bench
+def run_shard(sweep_kwargs: dict, shard: str) -> int:
+    """What one array job runs: this sweep restricted to `shard`."""
+    from tokenbench.harness import sweep
 
     task_environment()
-    return bench.run(argparse.Namespace(**{**vars(args), "submitit": False, "shard": shard}))
+    sweep(**{**sweep_kwargs, "shard": shard})
+    return 0
 
 
-def submit(args) -> list:
-    """Submit `--jobs` shards of this sweep; returns the submitit jobs (waited on for local/debug)."""
+def submit(args, sweep_kwargs: dict) -> list:
+    """Submit `--jobs` shards of the sweep `sweep_kwargs` describes, with the SLURM options in `args`;
+    returns the submitit jobs (waited on for local/debug)."""
     try:
         import submitit
     except ImportError:
@@ -171,7 +155,7 @@ def submit(args) -> list:
         params["slurm_array_parallelism"] = args.array_parallelism
     executor.update_parameters(**params)
     shards = [f"{i}/{args.jobs}" for i in range(args.jobs)]
-    jobs = executor.map_array(run_shard, [args] * args.jobs, shards)
+    jobs = executor.map_array(run_shard, [sweep_kwargs] * args.jobs, shards)
     for job, shard in zip(jobs, shards):
         print(f"submitted job {job.job_id}: shard {shard} -> {os.path.join(args.out, results_name(parse_shard(shard)))}")
     if executor.cluster in ("local", "debug"):

@@ -13,20 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import read_results, results_files
+from tokenbench.errors import BenchError
+from tokenbench.registry import knob_label
+from tokenbench.results import read_results_folder, rows_frame
 
 SETTING = ["dataset", "device_name", "dtype", "batch_size"]
 
 
 def load_rows(directory: str | Path) -> pd.DataFrame:
-    rows = [row for path in results_files(directory) for row in read_results(path)]
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows).drop_duplicates("cell_id", keep="last")
-    df["knob_text"] = df["knobs"].map(lambda k: " ".join(f"{a}={b:g}" for a, b in k.items()) or "-")
-    for column in ("throughput", "latency_ms", "budget_requested"):
-        if column not in df:
-            df[column] = float("nan")
+    """Every row under `directory`, shards merged (the last row of a configuration wins)."""
+    df = rows_frame(read_results_folder(directory))
+    df["knob_text"] = df["knobs"].map(knob_label)
+    for column in ("throughput", "throughput_iqr", "latency_ms", "budget"):  # None (not measured) -> NaN
+        df[column] = df[column].astype(float)
     return df.reset_index(drop=True)
 
 
@@ -73,8 +72,8 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
         "latency ms (b=1)": g["latency_ms"],
         "Pareto": front.map({True: "★", False: ""}),
     })
-    if g["budget_requested"].notna().any():
-        table.insert(2, "budget", g["budget_requested"])
+    if g["budget"].notna().any():
+        table.insert(2, "budget", g["budget"])
     return table.sort_values(["GMACs", "method"], ascending=[False, True])
 
 
@@ -141,7 +140,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
     out_dir = Path(out_dir) if out_dir else results_dir
     df = load_rows(results_dir)
     if df.empty:
-        raise FileNotFoundError(f"no results rows under {results_dir}")
+        raise BenchError(f"no results rows under {results_dir}")
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     lines = ["# tokenbench leaderboard", "",
              f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bench.ledger import CostLedger
+from tokenbench.ledger import CostLedger
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,43 +95,67 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _seconds_per_forward(model, inputs, device, dtype, repeats, warmup_s, min_repeat_s) -> tuple[list[float], int]:
+def interleaved_seconds(models: list, inputs: torch.Tensor, dtype: str = "fp32", repeats: int = 7,
+                        warmup_rounds: int = 3, warmup_s: float = 0.5, min_repeat_s: float = 0.1):
+    """Seconds per forward, [repeats, models]: the one timing loop of `bench`, `speed` and the regression gate.
+
+    Warm-up rounds run every model once, until `warmup_rounds` are done and `warmup_s` has passed; they
+    also size each model's repeat (K forwards lasting about `min_repeat_s`). Every timed repeat then runs
+    each model's K forwards, in an order that rotates from repeat to repeat (AB, BA, ... for two) so that
+    a drift in machine speed cancels out of their ratios; CUDA is synchronised around each.
+    """
+    device = inputs.device
+    n = len(models)
+    spent = np.zeros(n)
     with torch.inference_mode(), autocast(device, dtype):
-        start, runs = time.perf_counter(), 0
-        while runs < 3 or time.perf_counter() - start < warmup_s:
-            model(inputs)
-            _sync(device)
-            runs += 1
-        per_run = (time.perf_counter() - start) / runs
-        iterations = max(1, int(min_repeat_s / max(per_run, 1e-9)))
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iterations):
+        start, rounds = time.perf_counter(), 0
+        while rounds < max(warmup_rounds, 1) or time.perf_counter() - start < warmup_s:
+            for i, model in enumerate(models):
+                _sync(device)
+                t0 = time.perf_counter()
                 model(inputs)
-            _sync(device)
-            times.append((time.perf_counter() - t0) / iterations)
+                _sync(device)
+                spent[i] += time.perf_counter() - t0
+            rounds += 1
+        iterations = [max(1, int(min_repeat_s / max(s / rounds, 1e-9))) for s in spent]
+        times = np.zeros((repeats, n))
+        for r in range(repeats):
+            for j in range(n):
+                i = (r + j) % n
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iterations[i]):
+                    models[i](inputs)
+                _sync(device)
+                times[r, i] = (time.perf_counter() - t0) / iterations[i]
     return times, iterations
 
 
-def _median_iqr(values: list[float]) -> tuple[float, float]:
+def _median_iqr(values) -> tuple[float, float]:
     q1, q3 = np.percentile(values, [25, 75])
-    return statistics.median(values), float(q3 - q1)
+    return float(statistics.median(values)), float(q3 - q1)
 
 
-def throughput(model, images: torch.Tensor, device, dtype="fp32", repeats=7, warmup_s=1.0, min_repeat_s=0.2) -> Timing:
-    """Images per second at the batch size of `images` (real images already on `device`)."""
-    times, iters = _seconds_per_forward(model, images, device, dtype, repeats, warmup_s, min_repeat_s)
-    median, iqr = _median_iqr([images.shape[0] / t for t in times])
-    return Timing(median, iqr, repeats, iters)
+def throughput(model, images: torch.Tensor, dtype="fp32", repeats=7, warmup_s=1.0, min_repeat_s=0.2) -> Timing:
+    """Images per second at the batch size of `images` (real images already on the device)."""
+    times, iters = interleaved_seconds([model], images, dtype, repeats, warmup_s=warmup_s, min_repeat_s=min_repeat_s)
+    median, iqr = _median_iqr(images.shape[0] / times[:, 0])
+    return Timing(median, iqr, repeats, iters[0])
 
 
-def latency(model, image: torch.Tensor, device, dtype="fp32", repeats=7, warmup_s=0.5, min_repeat_s=0.1) -> Timing:
+def latency(model, image: torch.Tensor, dtype="fp32", repeats=7, warmup_s=0.5, min_repeat_s=0.1) -> Timing:
     """Milliseconds per forward at batch 1."""
-    times, iters = _seconds_per_forward(model, image[:1], device, dtype, repeats, warmup_s, min_repeat_s)
-    median, iqr = _median_iqr([t * 1e3 for t in times])
-    return Timing(median, iqr, repeats, iters)
+    times, iters = interleaved_seconds([model], image[:1], dtype, repeats, warmup_s=warmup_s,
+                                       min_repeat_s=min_repeat_s)
+    median, iqr = _median_iqr(times[:, 0] * 1e3)
+    return Timing(median, iqr, repeats, iters[0])
+
+
+def speedups(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(median, IQR) per model of the dense time over its time within each repeat; column 0 is dense."""
+    ratios = times[:, :1] / times
+    q1, q3 = np.percentile(ratios, [25, 75], axis=0)
+    return np.median(ratios, axis=0), q3 - q1
 
 
 def peak_memory_mb(model, images, device, dtype="fp32") -> float | None:

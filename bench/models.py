@@ -10,6 +10,7 @@ DeiT style `{"model": state_dict}` / `{"state_dict": ...}`) load too.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,19 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.data import DIGITS_PREPROCESSING
-from bench.registry import BenchError, all_methods, get_method
+from tokenbench import video  # noqa: F401  (registers the video ViTs with timm)
+from tokenbench.data import DIGITS_PREPROCESSING
+from tokenbench.errors import BenchError
+from tokenbench.methods.dvt import architecture  # noqa: F401  (registers the DVT cascades with timm)
+from tokenbench.registry import get_method
 
-ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_WEIGHTS = {"vit_digits": ASSETS / "vit_digits.pt", "vit_cifar10": ASSETS / "vit_cifar10.pt",
-                    "vit_video_digits": ASSETS / "vit_video_digits.pt"}
+EMBEDDED_WEIGHTS = {"vit_digits": "vit_digits.pt", "vit_cifar10": "vit_cifar10.pt",
+                    "vit_video_digits": "vit_video_digits.pt"}
+
+
+def asset(name: str) -> Path:
+    """A weights file shipped inside the package (`bench/assets` in the checkout)."""
+    return Path(str(importlib.resources.files("tokenbench") / "assets" / name))
 
 default_cfgs = generate_default_cfgs({
     "vit_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="patch_embed.proj",
@@ -58,6 +66,17 @@ class LoadedModel:
     meta: dict
 
 
+def input_shape(model: nn.Module) -> tuple:
+    """The input a model takes, without the batch: its pretrained config's size, else its patch grid's image."""
+    size = model.pretrained_cfg.get("input_size")
+    return tuple(size) if size else (3, *model.patch_embed.img_size)
+
+
+def shipped(pattern: str) -> list[Path]:
+    """The weights files shipped inside the package whose names match `pattern`, sorted."""
+    return sorted(asset("").glob(pattern))
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,8 +108,6 @@ def _state_dict(obj: dict) -> dict:
 
 def create(name: str, **kwargs) -> nn.Module:
     if not timm.is_model(name):
-        all_methods()  # method plugins may register their own architectures (dvt_digits)
-    if not timm.is_model(name):
         raise BenchError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
     return timm.create_model(name, **kwargs)
 
@@ -113,7 +130,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
                num_classes: int | None = None) -> LoadedModel:
     """Build `name` (or the model a tokenbench checkpoint names) with the requested weights, in eval mode."""
     if checkpoint is None and not pretrained and name in EMBEDDED_WEIGHTS:
-        checkpoint, label = EMBEDDED_WEIGHTS[name], "embedded"
+        checkpoint, label = asset(EMBEDDED_WEIGHTS[name]), "embedded"
     else:
         label = "file"
     if checkpoint is not None and Path(checkpoint).is_dir():
@@ -175,5 +192,3 @@ def save_checkpoint(path: str | Path, model: nn.Module, name: str, meta: dict, m
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save({"model": name, "model_kwargs": model_kwargs or {}, "state_dict": state, "meta": meta}, path)
 
-
-from bench import video  # noqa: E402  (registers the video ViTs with timm)

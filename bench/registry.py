@@ -1,27 +1,49 @@
-"""The method registry: built-in plugins in `methods/`, third-party ones through an entry point.
+"""The method registry: built-in and third-party methods, both found through one entry-point group.
 
-A method is a `Method` subclass decorated with `@register_method`. Its `knobs` say what the sweep varies
-(with default sweep values and the no-op value that must reproduce the dense model); `build` turns a
-backbone into the model the harness measures. Block-level reducers patch a timm ViT through
-`bench.tokens.TokenReducedViT`; model-level methods (a cascade with early exit) return their own module.
+A method is a `Method` subclass named in the `tokenbench.methods` entry-point group (tokenbench's own
+`pyproject.toml` lists the built-ins exactly as a plugin package lists its own). Its `knobs` say what the
+sweep varies, with default sweep values, the no-op value that must reproduce the dense model and the
+valid range; `build` turns a backbone into the model the harness measures. Knob values are checked here,
+once, for the command line and the Python API alike, with the same messages.
+
+This module imports no torch, so that listing methods and parsing arguments start fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch.nn as nn
+from tokenbench.errors import BenchError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 ENTRY_POINT_GROUP = "tokenbench.methods"
 FAMILIES = ("none", "prune", "merge", "early-exit")
 
+# Options of the harness's commands. A knob becomes an option of `bench`, `profile`, `visualize` and
+# `train` under its own name, so it may not take one of these (tests/test_cli.py keeps the list complete).
+HARNESS_OPTIONS = frozenset({
+    "array_parallelism", "batch_size", "baseline", "budget", "cache_dir", "cell", "checkpoint", "checkpoints",
+    "cluster", "command", "count", "cpus_per_task", "data_root", "dataset", "device", "dtype", "epochs",
+    "gpus_per_node", "help", "image", "images", "init", "jobs", "lr", "method", "methods", "model", "no_timing",
+    "nodes", "out", "pairs", "part", "pretrained", "protocol", "repeats", "results", "reuse", "rounds", "run",
+    "seed", "shard", "slurm_account", "slurm_partition", "snapshot", "split", "strict", "submitit",
+    "submitit_folder", "threads", "timeout_min", "tolerance", "update", "warmup", "warmup_epochs", "workers",
+})
 
-class BenchError(Exception):
-    """A user error: the CLI prints it as one line and exits non-zero."""
+
+def format_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else str(value)
+
+
+def knob_label(knobs: dict) -> str:
+    """'r=13 inflect=0', or '-' without knobs: how every table, log line and plot names a setting."""
+    return " ".join(f"{k}={format_value(v)}" for k, v in knobs.items()) or "-"
 
 
 @dataclass(frozen=True)
@@ -37,23 +59,48 @@ class Knob:
     low_inclusive: bool = False
     help: str = ""
 
-    def convert(self, text: str) -> Any:
-        """The value of a command-line string, type-checked only (each method checks its own range)."""
-        try:
-            return self.kind(text)
-        except ValueError:
-            raise BenchError(f"--{self.name}: {text!r} is not a valid {self.kind.__name__}") from None
+    @property
+    def flag(self) -> str:
+        """The command-line option: `--keep`, `--sample-rate`."""
+        return "--" + self.name.replace("_", "-")
 
-    def parse(self, text: str) -> Any:
-        value = self.convert(text)
-        self.check(value)
+    def validate(self, value: Any, method: str) -> Any:
+        """`value` as this knob's type, or a BenchError saying why it is not a valid setting of `method`."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise BenchError(f"{method}: {self.name}={value!r} is not a number")
+        if self.kind is int:
+            if not float(value).is_integer():
+                raise BenchError(f"{method}: {self.name}={format_value(value)} is not a whole number")
+            value = int(value)
+        else:
+            value = self.kind(value)
+        if value == self.noop:  # always valid, even outside the range (ATS: inf switches it off)
+            return value
+        low_ok = value >= self.low if self.low_inclusive else value > self.low
+        if not (low_ok and value <= self.high) or value != value:
+            lo = "[" if self.low_inclusive else "("
+            raise BenchError(f"{method}: {self.name}={format_value(value)} is outside "
+                             f"{lo}{format_value(self.low)}, {format_value(self.high)}]")
         return value
 
-    def check(self, value: Any) -> None:
-        low_ok = value >= self.low if self.low_inclusive else value > self.low
-        if not (low_ok and value <= self.high):
-            lo = "[" if self.low_inclusive else "("
-            raise BenchError(f"--{self.name} {value:g} is outside {lo}{self.low:g}, {self.high:g}]")
+    def parse(self, text: str, method: str) -> Any:
+        """One value from its command-line text, checked."""
+        try:
+            value = self.kind(text.strip())
+        except ValueError:
+            raise BenchError(f"{method}: {self.name}={text.strip()!r} is not a valid {self.kind.__name__}") from None
+        return self.validate(value, method)
+
+    def parse_values(self, given, method: str) -> tuple:
+        """Sweep values from '0.9,0.7' (the command line) or [0.9, 0.7] (Python): checked, duplicates dropped,
+        order kept, each exactly as given (no float arithmetic)."""
+        if isinstance(given, str):
+            values = [self.parse(v, method) for v in given.split(",") if v.strip()]
+        else:
+            values = [self.validate(v, method) for v in given]
+        if not values:
+            raise BenchError(f"{method}: {self.name} {given!r} gives no values")
+        return tuple(dict.fromkeys(values))
 
 
 def keep_rate_knob(sweep=(0.9, 0.8, 0.7, 0.6, 0.5), help="fraction of patch tokens kept at each reduction stage"):
@@ -68,6 +115,7 @@ class Method:
     knobs: ClassVar[tuple[Knob, ...]] = ()
     needs_training: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False  # build() takes calibration=(images, labels) of a held-out split
+    batch_invariant: ClassVar[bool] = True  # an image's result does not depend on the other images in its batch
     summary: ClassVar[str] = ""
 
     def build(self, model: nn.Module, **knobs: Any) -> nn.Module:
@@ -94,6 +142,16 @@ class Method:
         return {k.name: k.noop for k in cls.knobs}
 
     @classmethod
+    def check_knobs(cls, given: dict[str, Any], default: str = "noop") -> dict[str, Any]:
+        """Every knob's value, checked: those `given`, the others at their no-op (or first sweep) value."""
+        own = {k.name: k for k in cls.knobs}
+        for name in given:
+            if name not in own:
+                raise BenchError(f"{cls.name} has no knob {name!r} (its knobs: {', '.join(own) or 'none'})")
+        return {k.name: k.validate(given[k.name], cls.name) if k.name in given
+                else (k.noop if default == "noop" else k.sweep[0]) for k in cls.knobs}
+
+    @classmethod
     def sweep_points(cls, overrides: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
         """The knob settings of the default sweep (one knob varies; the others stay at their first value)."""
         overrides = overrides or {}
@@ -110,30 +168,41 @@ _loaded = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a Method subclass to the registry under `cls.name`."""
-    if cls.family not in FAMILIES:
-        raise ValueError(f"{cls.__name__}.family must be one of {FAMILIES}, not {cls.family!r}")
+    """Add a Method subclass to the registry under `cls.name` (entry points do this for installed packages)."""
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if getattr(cls, "family", None) not in FAMILIES:
+        raise BenchError(f"{where}.family must be one of {FAMILIES}, not {getattr(cls, 'family', None)!r}")
+    for knob in cls.knobs:
+        if not knob.name.isidentifier() or knob.name in HARNESS_OPTIONS:
+            raise BenchError(f"{where}: knob {knob.name!r} would shadow the harness option {knob.flag}; rename it")
     existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"method name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+    if existing is not None and existing is not cls and (existing.__module__, existing.__qualname__) != (
+            cls.__module__, cls.__qualname__):
+        raise BenchError(f"{where}: method name {cls.name!r} is taken by "
+                         f"{existing.__module__}.{existing.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_plugins() -> None:
+def _load_entry_points() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    importlib.import_module("methods")  # built-ins register themselves on import
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
-            register_method(obj)
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plugin is named, not a traceback
+            raise BenchError(f"method plugin {ep.name!r} ({ep.value}) failed to import: {err}") from None
+        if not (isinstance(obj, type) and issubclass(obj, Method)):
+            raise BenchError(f"method plugin {ep.name!r} ({ep.value}) is not a tokenbench Method subclass")
+        register_method(obj)
+    if "none" not in _REGISTRY:
+        raise BenchError("no built-in methods found: tokenbench is not installed (pip install -e . in its checkout)")
 
 
 def all_methods() -> dict[str, type[Method]]:
-    _load_plugins()
+    _load_entry_points()
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -145,11 +214,13 @@ def get_method(name: str) -> Method:
 
 
 def resolve_methods(spec: str) -> list[str]:
-    """`all` or a comma-separated list of method names, validated."""
+    """`all` or a comma-separated list of method names, validated, duplicates dropped."""
     known = all_methods()
-    if spec == "all":
+    if spec.strip() == "all":
         return list(known)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    if not names:
+        raise BenchError(f"no method named in {spec!r}; known methods: {', '.join(known)}")
     for name in names:
         if name not in known:
             raise BenchError(f"unknown method {name!r}; known methods: {', '.join(known)}")
@@ -164,3 +235,18 @@ def knob_by_name() -> dict[str, Knob]:
             out.setdefault(knob.name, knob)
     return out
 
+
+def knob_overrides(methods: list[str], given: dict) -> dict[str, tuple]:
+    """Sweep values ({knob name: 'v,v' or a list}), checked by each of `methods` that has the knob.
+
+    A knob none of `methods` has is an error, so a typo never silently runs the default sweep.
+    """
+    out = {}
+    for name, text in given.items():
+        owners = [m for m in methods if any(k.name == name for k in all_methods()[m].knobs)]
+        if not owners:
+            raise BenchError(f"{name!r} is not a knob of {', '.join(methods)}")
+        for owner in owners:
+            knob = next(k for k in all_methods()[owner].knobs if k.name == name)
+            out[name] = knob.parse_values(text, owner)
+    return out

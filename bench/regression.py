@@ -31,18 +31,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from bench import data, models
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.registry import BenchError, Method, all_methods
-from bench.results import cpu_name
+from tokenbench import datasets, measure, models
+from tokenbench.errors import BenchError
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.registry import Method, all_methods, knob_label
+from tokenbench.results import cpu_name
+from tokenbench.harness import preload
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "regression"
-SNAPSHOT_FILE = RESULTS_DIR / "snapshot.json"
-BASELINE_FILE = RESULTS_DIR / "speed-baseline.json"
+REGRESSION_DIR = Path("results") / "regression"
+SNAPSHOT_NAME, BASELINE_NAME = "snapshot.json", "speed-baseline.json"
 UPDATE_COMMAND = "tokenbench regression --update"
 
 SEED = 0
@@ -66,6 +66,16 @@ def threads(n: int):
         torch.set_num_threads(before)
 
 
+def regression_folder(start: Path | None = None) -> Path:
+    """`results/regression` of the project being checked: in the working directory or the nearest parent
+    that has one (the repository, run from any folder inside it), else the working directory's."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / REGRESSION_DIR).is_dir():
+            return folder / REGRESSION_DIR
+    return start / REGRESSION_DIR
+
+
 def random_model(name: str, seed: int = SEED) -> nn.Module:
     """`name` with seeded random-init weights (never the embedded or pretrained ones), in eval mode."""
     torch.manual_seed(seed)
@@ -75,10 +85,6 @@ def random_model(name: str, seed: int = SEED) -> nn.Module:
 def random_images(model: nn.Module, batch: int, seed: int = SEED) -> torch.Tensor:
     size = model.pretrained_cfg.get("input_size") or (3, model.patch_embed.img_size[0], model.patch_embed.img_size[1])
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def point_label(knobs: dict) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
 
 
 def select_methods(names: list[str] | None) -> dict[str, type[Method]]:
@@ -128,15 +134,13 @@ def calibrated_inputs(method: Method, model_name: str, batch: int):
     checked on real data: its checkpoint for `model_name` on the embedded digits, calibrated on their
     val split and measured on the first `batch` test images.
     """
-    from bench.commands.bench import preload
-
     checkpoint = method.checkpoint_for(model_name, CALIBRATION_DATASET)
     if checkpoint is None:
         return {"error": f"{method.name} ships no weights for {model_name} on {CALIBRATION_DATASET}"}
     model = models.load_model(checkpoint=checkpoint).model
-    transform = data.eval_transform(model)
-    calibration = preload(data.build_dataset(CALIBRATION_DATASET, "val", transform).dataset)
-    images, _ = preload(data.build_dataset(CALIBRATION_DATASET, "test", transform).dataset)
+    transform = datasets.eval_transform(model)
+    calibration = preload(datasets.build_dataset(CALIBRATION_DATASET, "val", transform).dataset)
+    images, _ = preload(datasets.build_dataset(CALIBRATION_DATASET, "test", transform).dataset)
     return model, calibration, images[:batch]
 
 
@@ -160,9 +164,9 @@ def take_snapshot(methods: dict[str, type[Method]], model_batches: dict[str, int
                 method = cls()
                 if cls.needs_calibration:
                     inputs = calibrated_inputs(method, model_name, 4 * batch)
-                    entries = {point_label(k): calibrated_entry(method, inputs, k) for k in cls.sweep_points()}
+                    entries = {knob_label(k): calibrated_entry(method, inputs, k) for k in cls.sweep_points()}
                 else:
-                    entries = {point_label(k): snapshot_entry(method, backbone, images, k) for k in cls.sweep_points()}
+                    entries = {knob_label(k): snapshot_entry(method, backbone, images, k) for k in cls.sweep_points()}
                 out[model_name][name] = entries
     return out
 
@@ -255,34 +259,12 @@ def calibration_seconds(samples: int = 5) -> float:
     return statistics.median(times)
 
 
-def _seconds(model, x, iterations: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(iterations):
-        model(x)
-    return (time.perf_counter() - t0) / iterations
-
-
 def interleaved_speedup(dense: nn.Module, model: nn.Module, x: torch.Tensor, setup: SpeedSetup, pairs: int) -> tuple:
     """(median ratio, IQR, dense s, method s) of dense time / method time over interleaved pairs."""
-    with torch.inference_mode():
-        start = time.perf_counter()
-        while time.perf_counter() - start < setup.warmup_s:
-            dense(x)
-            model(x)
-        iterations = max(1, round(setup.sample_s / _seconds(dense, x, 1)))
-        ratios, dense_s, method_s = [], [], []
-        for i in range(pairs):
-            if i % 2 == 0:  # alternate the order so that a drift in machine speed cancels out
-                d = _seconds(dense, x, iterations)
-                m = _seconds(model, x, iterations)
-            else:
-                m = _seconds(model, x, iterations)
-                d = _seconds(dense, x, iterations)
-            ratios.append(d / m)
-            dense_s.append(d)
-            method_s.append(m)
-    q1, q3 = np.percentile(ratios, [25, 75])
-    return statistics.median(ratios), float(q3 - q1), statistics.median(dense_s), statistics.median(method_s)
+    times, _ = measure.interleaved_seconds([dense, model], x, repeats=pairs, warmup_rounds=1,
+                                           warmup_s=setup.warmup_s, min_repeat_s=setup.sample_s)
+    ratio, iqr = measure.speedups(times)
+    return float(ratio[1]), float(iqr[1]), statistics.median(times[:, 0]), statistics.median(times[:, 1])
 
 
 def timed_models(cls: type[Method], setup: SpeedSetup):
@@ -326,7 +308,7 @@ def measure_speeds(methods: dict[str, type[Method]], setup: SpeedSetup, pairs: i
             dense, model, x, knobs = timed
             ratio, iqr, d, m = interleaved_speedup(dense, model, x, setup, pairs)
             out[name] = Speed(knobs, ratio, iqr, pairs, d * 1e3, m * 1e3)
-            log(f"  {name} {point_label(knobs)}: {ratio:.3f}x (IQR {iqr:.3f}) dense {d * 1e3:.1f} ms, "
+            log(f"  {name} {knob_label(knobs)}: {ratio:.3f}x (IQR {iqr:.3f}) dense {d * 1e3:.1f} ms, "
                 f"method {m * 1e3:.1f} ms")
     return out
 
@@ -368,12 +350,12 @@ def judge(name: str, speed: Speed | str, base: dict | None, tolerance: float | N
     """
     if isinstance(speed, str):
         return Verdict(name, "-", base and base["speedup"], None, None, f"skipped: {speed}")
-    label = point_label(speed.knobs)
+    label = knob_label(speed.knobs)
     if base is None:
         return Verdict(name, label, None, speed.speedup, speed.iqr, f"no baseline (run {UPDATE_COMMAND})")
     if base["knobs"] != speed.knobs:
         return Verdict(name, label, None, speed.speedup, speed.iqr,
-                       f"baseline timed at {point_label(base['knobs'])} (run {UPDATE_COMMAND})")
+                       f"baseline timed at {knob_label(base['knobs'])} (run {UPDATE_COMMAND})")
     was = base["speedup"]
     if was > FASTER and speed.speedup < 1.0:
         status = "SLOWER than dense"

@@ -1,4 +1,4 @@
-"""Results storage: append-only JSON Lines, one object per measured configuration, with provenance.
+"""Results storage: append-only JSON Lines, one `ResultRow` per measured configuration, with provenance.
 
 Each line is written with a single `write` on a file opened for appending, then flushed and synced, so
 a killed run leaves whole lines only; a torn last line (power loss) is ignored when reading and cut
@@ -8,8 +8,10 @@ with the same `--out` skips what is already recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -17,11 +19,80 @@ import socket
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-
-import torch
+from typing import Any
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
+
+
+@dataclasses.dataclass
+class ResultRow:
+    """One measured configuration: what the sweep writes, the shard merge reads and the leaderboard shows.
+
+    The README's results schema. Rows written by older versions lack some fields (None here); fields this
+    version does not know are kept in `extra` and written back unchanged.
+    """
+
+    cell_id: str
+    method: str
+    knobs: dict
+    model: str
+    weights: str
+    dataset: str
+    split: str
+    device: str
+    device_name: str
+    dtype: str
+    batch_size: int
+    threads: int | None
+    seed: int
+    family: str
+    needs_training: bool
+    n_images: int
+    top1: float
+    top5: float
+    gmacs: float
+    gmacs_p50: float
+    gmacs_std: float
+    gmacs_min: float
+    gmacs_max: float
+    gmacs_counter: str
+    tokens_per_block: list
+    stats: dict
+    provenance: dict
+    params: int | None = None
+    n_unreadable: int = 0
+    n_missing: int = 0
+    trained_with: str | None = None
+    budget: float | None = None  # matched compute: the requested fraction of the dense GMACs
+    budget_achieved: float | None = None
+    protocol: str | None = None  # video: views per video
+    views: int | None = None
+    gmacs_per_view: float | None = None
+    throughput_unit: str | None = None
+    cls_substitute: str | None = None
+    throughput: float | None = None
+    throughput_iqr: float | None = None
+    timing_repeats: int | None = None
+    timing_iterations: int | None = None
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    peak_memory_mb: float | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResultRow":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**out, **self.extra}
+
+    @property
+    def timed(self) -> bool:
+        return self.throughput is not None
 
 
 def cell_id(cell: dict) -> str:
@@ -29,7 +100,7 @@ def cell_id(cell: dict) -> str:
     return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_results(path: str | Path) -> list[dict]:
+def read_results(path: str | Path) -> list[ResultRow]:
     """All complete rows of one results file (a torn last line is skipped)."""
     path = Path(path)
     if not path.exists():
@@ -38,8 +109,18 @@ def read_results(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.endswith("\n") and line.strip():
-                rows.append(json.loads(line))
+                rows.append(ResultRow.from_dict(json.loads(line)))
     return rows
+
+
+def read_results_folder(directory: str | Path) -> list[ResultRow]:
+    """Every row under `directory`, shards merged: the last row of each configuration wins."""
+    rows = {}
+    for path in results_files(directory):
+        for row in read_results(path):
+            rows.pop(row.cell_id, None)
+            rows[row.cell_id] = row
+    return list(rows.values())
 
 
 def results_files(directory: str | Path) -> list[Path]:
@@ -48,10 +129,10 @@ def results_files(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.rglob("results*.jsonl") if p.is_file())
 
 
-def append_result(path: str | Path, row: dict) -> None:
+def append_result(path: str | Path, row: ResultRow) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(row, sort_keys=True) + "\n").encode()
+    data = (json.dumps(row.to_dict(), sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         size = os.fstat(fd).st_size
@@ -67,14 +148,25 @@ def append_result(path: str | Path, row: dict) -> None:
         os.close(fd)
 
 
-@lru_cache(maxsize=1)
-def git_state(root: Path = Path(__file__).resolve().parent.parent) -> dict:
-    """The git sha and dirty flag of the tokenbench checkout in use (None outside a checkout).
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when tokenbench runs from one
 
+
+@lru_cache(maxsize=1)
+def git_state(root: Path = PACKAGE_ROOT) -> dict:
+    """The git sha and dirty flag of tokenbench's own checkout, when it runs from one (else None).
+
+    Only when the package folder is `bench/` at the top of a git work tree whose pyproject names this
+    project: an installed copy, or a virtual environment inside another repository, records no commit.
     Dirty means uncommitted changes to tracked files outside `results/`: regenerating a committed
     leaderboard rewrites its own folder while it runs, and that says nothing about the code measured.
     """
+    none = {"git_sha": None, "git_dirty": None}
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        pyproject = root / "pyproject.toml"
+        if Path(top).resolve() != root.resolve() or not pyproject.is_file() or 'name = "tokenbench"' not in pyproject.read_text():
+            return none
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
@@ -82,7 +174,7 @@ def git_state(root: Path = Path(__file__).resolve().parent.parent) -> dict:
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip() != ""
         return {"git_sha": sha, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
+        return none
 
 
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -104,18 +196,21 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_name()
 
 
-def provenance(device: torch.device, seed: int) -> dict:
+def provenance(device, seed: int) -> dict:
     import timm
+    import torch
     import torchvision
 
     return {
-        **git_state(),
+        "tokenbench": importlib.metadata.version("tokenbench"), **git_state(),
         "torch": str(torch.__version__), "timm": timm.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(), "hostname": socket.gethostname(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
@@ -123,3 +218,11 @@ def provenance(device: torch.device, seed: int) -> dict:
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "schema": SCHEMA_VERSION,
     }
+
+
+def rows_frame(rows: list[ResultRow]):
+    """Rows as a pandas DataFrame, one column per schema field (what `tokenbench.sweep` returns)."""
+    import pandas as pd
+
+    return pd.DataFrame([row.to_dict() for row in rows], columns=None if rows else
+                        [f.name for f in dataclasses.fields(ResultRow) if f.name != "extra"])

@@ -2,15 +2,17 @@
 
 `TokenReducedViT` wraps a timm `VisionTransformer` without forking or mutating it: it reuses the
 model's own modules and runs each block as a `ReducibleBlock`, which computes attention itself (fused
-`scaled_dot_product_attention`, with optional size bias and padding mask) and hands the result to a
-`TokenReducer`. The reducer either runs after attention and its residual, before the MLP (EViT, top-k,
-random, ATS, ToMe), or before the block (DynamicViT). Token bookkeeping shared by all methods lives
-in `TokenState`: per-token sizes for merging, a validity mask for per-image token counts, and the map
-from current tokens back to the input patches for visualisation.
+`scaled_dot_product_attention`, with optional size bias and padding mask) and asks the block's
+`TokenReducer` for a decision. A reducer only decides: which tokens to keep (`Prune`), which to merge
+into which (`Merge`), or which to mask out while training (`Gate`), plus the MACs its own scoring costs.
+The block applies the decision, once for every method: it gathers or merges the tokens, keeps the
+per-token sizes (proportional attention), the padding mask (per-image token counts), the map back to
+the input patches (`trace`) and the FLOP ledger.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -18,17 +20,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.ledger import BlockCost, active_ledger, embed_macs, linear_macs_per_token, norm_macs_per_token
-from bench.registry import BenchError
+from tokenbench.errors import BenchError
+from tokenbench.ledger import BlockCost, active_ledger, embed_macs, linear_macs_per_token, norm_macs_per_token
+
+
+class Need(enum.Flag):
+    """What a reducer asks its block's attention to hand over (`AttentionInfo`)."""
+
+    NOTHING = 0
+    CLS_ATTN = enum.auto()  # the class token's softmax attention row, from q_cls and K only (or its substitute)
+    KEYS = enum.auto()
+    VALUES = enum.auto()
+    LOGITS = enum.auto()  # the full pre-softmax N x N map (forces the unfused path)
+
+
+class Position(enum.Enum):
+    """Where in the block a reducer decides."""
+
+    AFTER_ATTENTION = "after attention and its residual, before the MLP"  # EViT, top-k, ToMe
+    QUERIES = "inside attention: which tokens are computed as queries"  # ATS
+    BEFORE_BLOCK = "before the block, from its input"  # DynamicViT
 
 
 @dataclass
 class TokenState:
-    """What the blocks of one forward pass share about the current tokens.
+    """What the blocks of one forward pass share about the current tokens (reducers read it, never write it).
 
     `size` [B, N, 1]: how many input patches each token stands for (None: all ones).
     `mask` [B, N] bool: which tokens are real when images keep different numbers (None: all real).
-    `source` [B, N, P]: which input patches each token stands for, kept only when `trace` is set.
+    `source` [B, N, P]: which input patches each token stands for, kept only when tracing.
     `class_token`: False for models without one (VideoMAE), where `cls_attn` is a substitute (see `run_attention`).
     """
 
@@ -37,8 +57,7 @@ class TokenState:
     size: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     source: torch.Tensor | None = None
-    trace: bool = False
-    stages: list = field(default_factory=list)  # traced `source` maps after each reduction
+    stages: list = field(default_factory=list)  # traced (block index, source) after each applied decision
 
     def valid_counts(self, x: torch.Tensor):
         """Tokens per image: an int when all images keep the same number, else a [B] tensor."""
@@ -53,28 +72,65 @@ class AttentionInfo:
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
-    query_index: torch.Tensor | None = None  # [B, K] the tokens a selecting reducer kept as queries
+
+
+@dataclass(kw_only=True)
+class Decision:
+    """What a reducer decided, plus the MACs per image of deciding it (scoring, matching, a predictor)."""
+
+    macs: float | torch.Tensor = 0
+    norm_macs: float | torch.Tensor = 0  # the part of `macs` spent in norms (FlopCounterMode does not see it)
+
+
+@dataclass(kw_only=True)
+class Prune(Decision):
+    """Keep the prefix tokens, then the patch tokens at `keep` ([B, K] indices among the patch tokens).
+
+    `valid` ([B, K] bool): images keep different numbers; False marks padding slots, masked from then on.
+    `fuse_index`, `fuse_weight` ([B, M]): append one token, the weighted sum of the patch tokens at
+    `fuse_index` (EViT's fused token); it stands for all their patches.
+    """
+
+    keep: torch.Tensor
+    valid: torch.Tensor | None = None
+    fuse_index: torch.Tensor | None = None
+    fuse_weight: torch.Tensor | None = None
+
+
+@dataclass(kw_only=True)
+class Merge(Decision):
+    """Merge tokens: the output is the tokens at `kept` ([B, K] token indices, prefix included, in output
+    order), and each token at `merged` ([B, M] token indices) is added into output position `into` ([B, M]).
+
+    Every output token becomes the size-weighted mean of the tokens it absorbed and its size their sum, so
+    later blocks give it proportionally more attention (log size on its attention logits).
+    """
+
+    kept: torch.Tensor
+    merged: torch.Tensor
+    into: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class Gate(Decision):
+    """Training only: scale every token by `gate` ([B, N] in [0, 1]) and mask those below 0.5 out of attention."""
+
+    gate: torch.Tensor
 
 
 class TokenReducer(nn.Module):
-    """Base class of a per-block reducer. Subclasses set `needs` and implement `forward`.
+    """Base class of a per-block reducer: set `needs` and `position`, implement `decide`.
 
-    `needs` names the `AttentionInfo` fields to compute. `before_block` reducers run on the block
-    input and get no attention info. `forward(x, state, info)` returns the reduced tokens and updates
-    `state` (size, mask, source) to match. A `selects_queries` reducer (ATS) implements `select`
-    instead: it picks the tokens to keep from the class-token attention and values, before the rest of
-    attention runs, so that only the kept tokens are computed as queries.
+    `decide(x, state, info)` returns a `Decision` or None (nothing changes). `x` is the block's tokens at
+    the reducer's position, `state` the shared `TokenState` (read only), `info` what `needs` asked for.
+    A `QUERIES` reducer (ATS) decides from the class-token attention and values before the rest of
+    attention runs, and must return a `Prune`; only the kept tokens are then computed as queries.
     """
 
-    needs: frozenset = frozenset()
-    before_block: bool = False
-    selects_queries: bool = False
+    needs: Need = Need.NOTHING
+    position: Position = Position.AFTER_ATTENTION
 
-    def forward(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
-        raise NotImplementedError
-
-    def select(self, state: TokenState, info: AttentionInfo) -> torch.Tensor:
-        """[B, K] indices of the tokens to keep (prefix included); updates `state` to match."""
+    def decide(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> Decision | None:
         raise NotImplementedError
 
 
@@ -93,15 +149,15 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None
 CLS_SUBSTITUTE = "mean attention received"
 
 
-def substitutes_cls(needs: frozenset, state: TokenState | None) -> bool:
+def substitutes_cls(needs: Need, state: TokenState | None) -> bool:
     """Whether `cls_attn` is needed from a model without a class token, so a substitute stands in."""
-    return "cls_attn" in needs and state is not None and not state.class_token
+    return Need.CLS_ATTN in needs and state is not None and not state.class_token
 
 
-def separate_cls_row(attn: nn.Module, needs: frozenset, selecting: bool, state: TokenState | None = None) -> bool:
+def separate_cls_row(attn: nn.Module, needs: Need, selecting: bool, state: TokenState | None = None) -> bool:
     """Whether `run_attention` computes the class token's attention as its own q_cls K^T row."""
-    return ("cls_attn" in needs and not substitutes_cls(needs, state)
-            and (selecting or (attn.fused_attn and "logits" not in needs)))
+    return (Need.CLS_ATTN in needs and not substitutes_cls(needs, state)
+            and (selecting or (attn.fused_attn and Need.LOGITS not in needs)))
 
 
 def mean_attention_received(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -112,12 +168,13 @@ def mean_attention_received(weights: torch.Tensor, mask: torch.Tensor | None) ->
     return (weights * real).sum(dim=2) / real.sum(dim=2)
 
 
-def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset, select=None,
+def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: Need, select=None,
                   state: TokenState | None = None):
     """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps.
 
-    `select(info)`, if given, returns [B, K] indices of the tokens to keep as queries, chosen from
-    `info` before the rest of attention runs; the output then has those K tokens only.
+    Returns (output, info, query index). `select(info)`, if given, returns [B, K] indices of the tokens
+    to keep as queries (prefix included), chosen from `info` before the rest of attention runs; the output
+    then has those K tokens only.
     A model without a class token (`state.class_token` False, e.g. VideoMAE) has no class-token row to
     give as `cls_attn`; the substitute is the attention each token receives averaged over all queries,
     which needs the full N x N map: it is computed once and also gives this block's output.
@@ -127,12 +184,12 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     info = AttentionInfo()
-    if "keys" in needs:
+    if Need.KEYS in needs:
         info.keys = k
-    if "values" in needs:
+    if Need.VALUES in needs:
         info.values = v
     separate = separate_cls_row(attn, needs, select is not None, state)
-    logits = weights = None
+    logits = weights = query_index = None
     if substitutes_cls(needs, state):
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -145,13 +202,13 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
             logits = logits + bias
         info.cls_attn = logits.softmax(dim=-1)[:, :, 0]
     if select is not None:
-        info.query_index = select(info)
-        q = q.gather(2, info.query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        x = gather_tokens(x, info.query_index)
+        query_index = select(info)
+        q = q.gather(2, query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        x = gather_tokens(x, query_index)
         if weights is not None:
-            rows = info.query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
+            rows = query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
             logits, weights = logits.gather(2, rows), weights.gather(2, rows)
-    if weights is None and attn.fused_attn and "logits" not in needs:
+    if weights is None and attn.fused_attn and Need.LOGITS not in needs:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -160,55 +217,147 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
             if bias is not None:
                 logits = logits + bias
             weights = attn.attn_drop(logits.softmax(dim=-1))
-            if "cls_attn" in needs and not separate:
+            if Need.CLS_ATTN in needs and not separate:
                 info.cls_attn = weights[:, :, 0]
         else:
             weights = attn.attn_drop(weights)
         out = weights @ v
-        info.logits = logits if "logits" in needs else None
-    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim)
+        info.logits = logits if Need.LOGITS in needs else None
+    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out)), info
+    return attn.proj_drop(attn.proj(out)), info, query_index
 
 
 class ReducibleBlock(nn.Module):
-    """A timm `Block` run with token state, an optional reducer and ledger bookkeeping."""
+    """A timm `Block` run with token state and an optional reducer, whose decision it applies."""
 
-    def __init__(self, block: nn.Module, reducer: TokenReducer | None = None):
+    def __init__(self, block: nn.Module, index: int, reducer: TokenReducer | None = None):
         super().__init__()
         self.block = block
+        self.index = index
         self.reducer = reducer
         self.cost = BlockCost.of(block)
 
+    def apply(self, x: torch.Tensor, state: TokenState, decision: Decision | None) -> torch.Tensor:
+        """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
+        if decision is None:
+            return x
+        ledger = active_ledger()
+        if ledger is not None:
+            ledger.add(decision.macs, decision.norm_macs)
+        if isinstance(decision, Prune):
+            x = apply_prune(x, state, decision)
+            if ledger is not None and decision.fuse_index is not None:  # the fused token's weighted sum
+                ledger.add(decision.fuse_index.shape[1] * x.shape[-1])
+        elif isinstance(decision, Merge):
+            x = apply_merge(x, state, decision)
+        elif isinstance(decision, Gate):
+            state.mask = decision.gate > 0.5
+            return x * decision.gate[..., None]
+        else:
+            raise TypeError(f"{type(self.reducer).__name__} returned {type(decision).__name__}, not a Decision")
+        if state.source is not None:
+            state.stages.append((self.index, state.source))
+        return x
+
     def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         blk, reducer = self.block, self.reducer
-        if reducer is not None and reducer.before_block:
-            x = reducer(x, state, AttentionInfo())
+        position = reducer.position if reducer is not None else None
+        if position is Position.BEFORE_BLOCK:
+            x = self.apply(x, state, reducer.decide(x, state, AttentionInfo()))
         n_attn = state.valid_counts(x)
-        needs = frozenset() if reducer is None or reducer.before_block else reducer.needs
-        selecting = reducer is not None and reducer.selects_queries
-        select = (lambda info: reducer.select(state, info)) if selecting else None
+        needs = reducer.needs if position in (Position.AFTER_ATTENTION, Position.QUERIES) else Need.NOTHING
+        selecting = position is Position.QUERIES
+        select = (lambda info: self.select_queries(x, state, info)) if selecting else None
         bias = attention_bias(state, x.dtype)
-        attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs, select, state)
+        attn_out, info, query_index = run_attention(blk.attn, blk.norm1(x), bias, needs, select, state)
         if selecting:
-            x = gather_tokens(x, info.query_index)
+            x = gather_tokens(x, query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
-        if reducer is not None and not reducer.before_block and not selecting:
-            x = reducer(x, state, info)
+        if position is Position.AFTER_ATTENTION:
+            x = self.apply(x, state, reducer.decide(x, state, info))
         ledger = active_ledger()
         if ledger is not None:
             n_out = state.valid_counts(x)
             ledger.add_block(self.cost, n_attn, n_out, n_out if selecting else None)
             if separate_cls_row(blk.attn, needs, selecting, state):  # the extra q_cls K^T row
-                ledger.add(blk.attn.attn_dim * n_attn)
+                ledger.add(blk.attn.num_heads * blk.attn.head_dim * n_attn)
             elif selecting and substitutes_cls(needs, state):  # Q K^T of the queries not kept
-                ledger.add(blk.attn.attn_dim * n_attn * (n_attn - n_out))
+                ledger.add(blk.attn.num_heads * blk.attn.head_dim * n_attn * (n_attn - n_out))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if state.mask is not None:
             x = x * state.mask[..., None]
         return x
+
+    def select_queries(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
+        """[B, K] token indices a QUERIES reducer keeps (prefix included); `state` follows them."""
+        decision = self.reducer.decide(x, state, info)
+        if not isinstance(decision, Prune) or decision.fuse_index is not None:
+            raise TypeError(f"{type(self.reducer).__name__} chooses queries: it must return a Prune without fusion")
+        ledger = active_ledger()
+        if ledger is not None:
+            ledger.add(decision.macs, decision.norm_macs)
+        index, mask = prune_index(state, decision)
+        follow_tokens(state, index, mask)
+        if state.source is not None:
+            state.stages.append((self.index, state.source))
+        return index
+
+
+def prune_index(state: TokenState, decision: Prune) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token indices [B, prefix + K] of a Prune, and the new mask when it gives one."""
+    index = with_prefix(decision.keep, state.prefix)
+    if decision.valid is None:
+        return index, None
+    valid = decision.valid
+    return index, torch.cat([valid.new_ones(valid.shape[0], state.prefix), valid], dim=1)
+
+
+def apply_prune(x: torch.Tensor, state: TokenState, decision: Prune) -> torch.Tensor:
+    """Keep the tokens a Prune names (and append its fused token); `state` follows them."""
+    p = state.prefix
+    fused = fused_size = fused_source = None
+    if decision.fuse_index is not None:
+        dropped = decision.fuse_index + p
+        fused = decision.fuse_weight[:, None, :] @ gather_tokens(x, dropped)  # [B, 1, C], one matmul
+        if state.size is not None:
+            fused_size = gather_tokens(state.size, dropped).sum(1, keepdim=True)
+        if state.source is not None:
+            fused_source = gather_tokens(state.source, dropped).sum(1, keepdim=True)
+    index, mask = prune_index(state, decision)
+    follow_tokens(state, index, mask)
+    x = gather_tokens(x, index)
+    if fused is None:
+        return x
+    if state.size is not None:
+        state.size = torch.cat([state.size, fused_size], dim=1)
+    if state.mask is not None:
+        state.mask = torch.cat([state.mask, state.mask.new_ones(x.shape[0], 1)], dim=1)
+    if state.source is not None:
+        state.source = torch.cat([state.source, fused_source], dim=1)
+    return torch.cat([x, fused], dim=1)
+
+
+def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Tensor:
+    """Size-weighted merging as a Merge names it; sizes add up; `state` follows."""
+    if state.mask is not None:
+        raise BenchError("merging tokens of images that keep different numbers of tokens is not supported")
+    into = flat_rows(decision.into, decision.kept.shape[1])
+
+    def merge(t):
+        out = gather_tokens(t, decision.kept)
+        sources = gather_tokens(t, decision.merged).flatten(0, 1)
+        # index_put_ accumulates in one parallel pass; index_add_ stalls on shared, multi-threaded CPUs.
+        out.view(-1, *t.shape[2:]).index_put_((into,), sources, accumulate=True)
+        return out
+
+    weighted = x if state.size is None else x * state.size
+    state.size = merge(torch.ones_like(x[..., :1]) if state.size is None else state.size)
+    if state.source is not None:
+        state.source = merge(state.source)
+    return merge(weighted) / state.size
 
 
 def check_vit(model: nn.Module) -> None:
@@ -234,7 +383,7 @@ class TokenReducedViT(nn.Module):
     exactly (same kernels in the same order), which the conformance tests check for every method.
     """
 
-    def __init__(self, vit: nn.Module, reducers: dict[int, TokenReducer] | None = None, trace: bool = False):
+    def __init__(self, vit: nn.Module, reducers: dict[int, TokenReducer] | None = None):
         super().__init__()
         check_vit(vit)
         reducers = reducers or {}
@@ -243,9 +392,8 @@ class TokenReducedViT(nn.Module):
             if not 0 <= i < depth:
                 raise BenchError(f"reduction at block {i}, but the model has {depth} blocks")
         self.vit = vit
-        self.blocks = nn.ModuleList(ReducibleBlock(b, reducers.get(i)) for i, b in enumerate(vit.blocks))
-        self.trace = trace
-        self.last_state: TokenState | None = None
+        self.blocks = nn.ModuleList(ReducibleBlock(b, i, reducers.get(i)) for i, b in enumerate(vit.blocks))
+        self._trace = False
         self._embed_macs = embed_macs(vit.patch_embed)
         self._final_norm = norm_macs_per_token(vit.norm)
         self._head_norm = norm_macs_per_token(vit.fc_norm)  # average-pooling models (VideoMAE) norm the pool
@@ -258,14 +406,28 @@ class TokenReducedViT(nn.Module):
     @property
     def cls_substitute(self) -> str | None:
         """What stands in for class-token attention here (for the results row), or None if nothing does."""
-        needed = any(b.reducer is not None and "cls_attn" in b.reducer.needs for b in self.blocks)
+        needed = any(b.reducer is not None and Need.CLS_ATTN in b.reducer.needs for b in self.blocks)
         return CLS_SUBSTITUTE if needed and self.vit.cls_token is None else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @torch.inference_mode()
+    def trace(self, images: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Which input patches each token stands for, after every block whose decision changed the tokens.
+
+        [(block index, source [B, tokens, patches])]: a row of source is one token; a patch it holds is > 0
+        (a merged token holds several, a dropped patch is held by none). `visualize` and the tests read it.
+        """
+        self._trace = True
+        try:
+            state = self._forward_tokens(images)[1]
+        finally:
+            self._trace = False
+        return state.stages
+
+    def _forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        state = TokenState(prefix=vit.num_prefix_tokens, class_token=vit.cls_token is not None, trace=self.trace)
-        if self.trace:
+        state = TokenState(prefix=vit.num_prefix_tokens, class_token=vit.cls_token is not None)
+        if self._trace:
             patches = x.shape[1] - state.prefix
             eye = torch.eye(patches, device=x.device)
             state.source = torch.cat([x.new_zeros(state.prefix, patches), eye]).expand(x.shape[0], -1, -1)
@@ -277,8 +439,11 @@ class TokenReducedViT(nn.Module):
             ledger.add(self._embed_macs + self._head_macs, self._head_norm)
             n = state.valid_counts(x)
             ledger.add(self._final_norm * n, self._final_norm * n)
-        if self.trace:
-            self.last_state = state
+        return x, state
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, state = self._forward_tokens(images)
+        vit = self.vit
         x = pool(vit, x, state)
         return vit.head(vit.head_drop(vit.fc_norm(x)))
 
@@ -309,16 +474,6 @@ def flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     return (index + n * torch.arange(index.shape[0], device=index.device)[:, None]).flatten()
 
 
-def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor) -> torch.Tensor:
-    """Keep the prefix tokens and the patch tokens at `keep` ([B, K] indices among the non-prefix tokens).
-
-    Updates size, mask and source of `state` to follow the kept tokens.
-    """
-    index = with_prefix(keep, state.prefix)
-    follow_tokens(state, index)
-    return gather_tokens(x, index)
-
-
 def with_prefix(keep: torch.Tensor, prefix: int) -> torch.Tensor:
     """Token indices [B, prefix + K] of the prefix tokens followed by patch tokens `keep` ([B, K])."""
     front = torch.arange(prefix, device=keep.device).expand(keep.shape[0], prefix)
@@ -341,7 +496,6 @@ def follow_tokens(state: TokenState, index: torch.Tensor, mask: torch.Tensor | N
         state.source = gather_tokens(state.source, index)
         if mask is not None:
             state.source = state.source * mask[..., None]
-        state.stages.append(state.source)
 
 
 class KeepRateReducer(TokenReducer):
@@ -358,12 +512,12 @@ class KeepRateReducer(TokenReducer):
     def score(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x, state, info):
+    def decide(self, x, state, info):
         n = x.shape[1] - state.prefix
         k = keep_count(self.keep_rate, n)
         if k == n:
-            return x
-        return keep_tokens(x, state, self.score(x, state, info).topk(k, dim=1).indices)
+            return None
+        return Prune(keep=self.score(x, state, info).topk(k, dim=1).indices)
 
 
 def keep_count(keep_rate: float, n: int) -> int:

@@ -3,7 +3,7 @@
 `VideoVisionTransformer` is a timm `VisionTransformer` whose patch embedding is a `TubeletEmbed`
 (a Conv3d over non-overlapping t x p x p tubelets, tokens flattened time-major as VideoMAE does), so
 the input is [B, C, T, H, W] and every token attends to every other across space and time. Nothing
-else changes: `bench.tokens.TokenReducedViT` wraps it as it wraps an image ViT, the ledger counts its
+else changes: `tokenbench.tokens.TokenReducedViT` wraps it as it wraps an image ViT, the ledger counts its
 embedding (kernel size x tubelets), and every block-level method applies to video tokens unchanged.
 
 Registered models: `vit_video_digits` (the embedded default for `moving-digits`, trained by
@@ -26,7 +26,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.registry import BenchError
+from tokenbench.errors import BenchError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

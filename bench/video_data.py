@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bench.data import DatasetInfo, digits_split, register_dataset
-from bench.registry import BenchError
+from tokenbench.data import DatasetInfo, digits_split
+from tokenbench.errors import BenchError
+from tokenbench.video import IMAGENET_MEAN, IMAGENET_STD
 
 PRESETS = {"videomae": "16x4x5x3"}
 
@@ -132,7 +133,6 @@ def eval_transform(model: torch.nn.Module, protocol: str | None = None) -> Video
     if chosen.frames != model.num_frames:
         raise BenchError(f"protocol {chosen} samples {chosen.frames} frames, but the model takes {model.num_frames}")
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    from bench.video import IMAGENET_MEAN, IMAGENET_STD
 
     size = model.patch_embed.img_size
     if size[0] != size[1]:
@@ -203,7 +203,6 @@ class FreshPathVideos(Dataset):
         return self.transform(grey_video(render_moving(self.images[i:i + 1], self.rng)[0])), int(self.labels[i])
 
 
-@register_dataset("moving-digits")
 def moving_digits(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     if split == "train":
         images, labels = digits_split(split)
@@ -333,7 +332,6 @@ def readable(path: Path) -> bool:
         return False
 
 
-@register_dataset("kinetics400")
 def kinetics400(split: str, transform: Callable, root: str | None = None) -> DatasetInfo:
     if root is None or not Path(root).is_dir():
         raise BenchError(f"kinetics400: --data-root {root} is not a folder holding:\n{KINETICS_LAYOUT}")

@@ -1,3 +1,17 @@
-"""Built-in method plugins: each module registers one method with `bench.registry.register_method`."""
+"""Built-in methods, one module each, found through the `tokenbench.methods` entry points like any plugin.
 
-from methods import ats, dvt, dynamicvit, evit, none, random_drop, tome, topk  # noqa: F401
+The package is callable: `tokenbench.methods()` is the table of every registered method, plugins included.
+"""
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self):
+        from tokenbench.api import method_table
+
+        return method_table()
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -7,10 +7,11 @@ to [0, 1]; K samples at evenly spaced levels from its smallest non-zero value to
 whose cdf point is nearest (inverse transform sampling). Tokens picked several times are kept once, so
 an image whose significance is concentrated keeps few tokens and a busy one keeps many. Only the kept
 tokens are computed as queries of the block's attention (every token stays a key and value).
-Knob: `keep`, the samples per block as a fraction of the model's input patch tokens, K = ceil(keep * P),
-at every ATS block. keep = 1 (K = 196 for DeiT-S) is the official DeiT-S configuration, where the
-reduction comes from repeated picks alone; keep = inf switches ATS off. The least significant token
-is never picked, so no finite keep reproduces the dense model.
+Knob: `sample_rate`, the samples per block as a fraction of the model's input patch tokens, K = ceil(sample_rate * P),
+at every ATS block. sample_rate = 1 (K = 196 for DeiT-S) is the official DeiT-S configuration, where the
+reduction comes from repeated picks alone; sample_rate = inf switches ATS off. The least significant
+token is never picked, so no finite rate reproduces the dense model. (Not a per-stage keep fraction:
+ATS keeps as many distinct tokens as the samples hit, hence its own knob name.)
 Images keep different numbers of tokens: a batch is padded to its widest image and the padding is
 masked out of attention, sampling and pooling, so an image's result does not depend on its batch (the
 official code lets padding shift the normalised cdf; here it is normalised over real tokens only).
@@ -18,15 +19,15 @@ Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV
 adaptivetokensampling/ATS).
 On a model without a class token (VideoMAE, average-pool ViTs) every token is a candidate and the attention
 each token receives, averaged over all queries, stands in for the class token's attention
-(`bench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
+(`tokenbench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
 
 import math
 
 import torch
 
-from bench.registry import Knob, Method, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, follow_tokens, with_prefix
+from tokenbench.registry import Knob, Method, register_method
+from tokenbench.tokens import Need, Position, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks
 
 
 def nearest_points(cdf: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -38,14 +39,14 @@ def nearest_points(cdf: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 class AdaptiveSamplingReducer(TokenReducer):
-    needs = frozenset({"cls_attn", "values"})
-    selects_queries = True
+    needs = Need.CLS_ATTN | Need.VALUES
+    position = Position.QUERIES
 
     def __init__(self, samples: int):
         super().__init__()
         self.samples = samples
 
-    def select(self, state, info):
+    def decide(self, x, state, info):
         p = state.prefix
         B, H, N, d = info.values.shape
         value_norm = info.values.transpose(1, 2).reshape(B, N, H * d).norm(dim=-1)
@@ -66,10 +67,7 @@ class AdaptiveSamplingReducer(TokenReducer):
         counts = picked.sum(dim=1, keepdim=True)
         width = int(counts.max())
         slots = (~picked).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
-        index = with_prefix(order.gather(1, slots), p)
-        valid = torch.arange(width, device=cdf.device) < counts
-        follow_tokens(state, index, torch.cat([valid.new_ones(B, p), valid], dim=1))
-        return index
+        return Prune(keep=order.gather(1, slots), valid=torch.arange(width, device=cdf.device) < counts)
 
 
 def ats_blocks(depth: int) -> range:
@@ -82,13 +80,12 @@ def ats_blocks(depth: int) -> range:
 class ATS(Method):
     name = "ats"
     family = "prune"
-    knobs = (Knob("keep", (1.0, 0.7, 0.5, 0.3), noop=math.inf, kind=float, low=0.0, high=math.inf,
-                  help="fraction of patch tokens kept per stage (ats: samples per block as a fraction of "
-                       "the patch tokens, 1 = paper, inf = off)"),)
+    knobs = (Knob("sample_rate", (1.0, 0.7, 0.5, 0.3), noop=math.inf, kind=float, low=0.0, high=16.0,
+                  help="ATS: samples per block as a fraction of the input patch tokens (1 = paper, inf = off, at most 16)"),)
     summary = "adaptive token sampling in blocks 3..11: per-image token counts, padded and masked"
 
-    def build(self, model, keep=math.inf):
-        if math.isinf(keep):
+    def build(self, model, sample_rate=math.inf):
+        if math.isinf(sample_rate):
             return TokenReducedViT(model)
-        samples = math.ceil(keep * model.patch_embed.num_patches)
+        samples = math.ceil(sample_rate * model.patch_embed.num_patches)
         return TokenReducedViT(model, {i: AdaptiveSamplingReducer(samples) for i in ats_blocks(len(model.blocks))})

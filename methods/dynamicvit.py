@@ -7,7 +7,8 @@ never drops tokens: Gumbel-softmax decisions mask the dropped tokens out of atte
 straight-through gate passes gradients to the predictor; the loss is cross-entropy plus 2 x the MSE
 between each image's kept fraction and rho^s plus 0.5 x KL to the dense model's prediction.
 Here the backbone is frozen while the predictors train (the paper fine-tunes it at 1/100 of their
-learning rate), so the dense model is its own teacher and keep = 1 reproduces the backbone exactly.
+learning rate), so the dense model is its own teacher and rho = 1 reproduces the backbone exactly. The knob is the paper's
+base keep rate rho, not a per-stage fraction: stage s keeps rho^s of the original patches.
 Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021
 (official code: raoyongming/DynamicViT).
 """
@@ -18,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.ledger import active_ledger, linear_macs_per_token, norm_macs_per_token
-from bench.registry import BenchError, Method, keep_rate_knob, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, keep_tokens
+from tokenbench.errors import BenchError
+from tokenbench.ledger import linear_macs_per_token, norm_macs_per_token
+from tokenbench.registry import Knob, Method, register_method
+from tokenbench.tokens import Gate, Position, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks
 
 RATIO_WEIGHT, DISTILL_WEIGHT = 2.0, 0.5  # the paper's loss weights for DeiT
 
@@ -47,33 +49,28 @@ class Predictor(nn.Module):
 
 
 class PredictorReducer(TokenReducer):
-    """Before block s: keep int(N * rho^s) patches by predicted score (eval), or mask by Gumbel decisions (train)."""
+    """Before block s: keep int(N * rho^s) patches by predicted score (eval), or gate by Gumbel decisions (train)."""
 
-    before_block = True
+    position = Position.BEFORE_BLOCK
 
-    def __init__(self, predictor: Predictor, stage: int, keep_rate: float, patches: int, decisions: list):
+    def __init__(self, predictor: Predictor, stage: int, rho: float, patches: int, decisions: list):
         super().__init__()
-        self.predictor, self.stage, self.keep_rate, self.patches = predictor, stage, keep_rate, patches
+        self.predictor, self.stage, self.rho, self.patches = predictor, stage, rho, patches
         self.decisions = decisions  # training: the [B, N] keep decisions of each stage, for the ratio loss
 
-    def forward(self, x, state, info):
+    def decide(self, x, state, info):
         p = state.prefix
         if self.training:
             policy = x.new_ones(x.shape[:2]) if state.mask is None else state.mask.to(x.dtype)
             scores = self.predictor(x[:, p:], policy[:, p:])
             keep = F.gumbel_softmax(scores, hard=True)[..., 0] * policy[:, p:]  # straight-through gate
             self.decisions.append(keep)
-            gate = torch.cat([policy[:, :p], keep], dim=1)
-            state.mask = gate > 0.5
-            return x * gate[..., None]
+            return Gate(gate=torch.cat([policy[:, :p], keep], dim=1))
         n = x.shape[1] - p
         scores = self.predictor(x[:, p:], x.new_ones(x.shape[0], n))
-        ledger = active_ledger()
-        if ledger is not None:
-            macs, norm = self.predictor.macs_per_token()
-            ledger.add(macs * n, norm * n)
-        k = min(n, int(self.patches * self.keep_rate ** self.stage))
-        return keep_tokens(x, state, scores[..., 0].argsort(dim=1, descending=True)[:, :k])
+        macs, norm = self.predictor.macs_per_token()
+        k = min(n, int(self.patches * self.rho ** self.stage))
+        return Prune(keep=scores[..., 0].argsort(dim=1, descending=True)[:, :k], macs=macs * n, norm_macs=norm * n)
 
 
 def predictors_of(model) -> nn.ModuleList:
@@ -89,7 +86,8 @@ class DynamicViT(Method):
     name = "dynamicvit"
     family = "prune"
     needs_training = True
-    knobs = (keep_rate_knob(help="DynamicViT: base keep rate rho; stage s keeps int(N * rho^s) of the N patches"),)
+    knobs = (Knob("rho", (0.9, 0.8, 0.7, 0.6, 0.5), noop=1.0, low=0.0, high=1.0,
+                  help="DynamicViT: base keep rate; stage s keeps int(N * rho^s) of the N patches"),)
     summary = "learned predictors drop tokens before blocks 3/6/9 (keeps N*rho^s)"
 
     def attach(self, model):
@@ -98,21 +96,21 @@ class DynamicViT(Method):
                 Predictor(model.embed_dim) for _ in default_reduction_blocks(len(model.blocks)))
         return model
 
-    def build(self, model, keep=1.0, decisions=None):
+    def build(self, model, rho=1.0, decisions=None):
         predictors = predictors_of(model)
-        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        blocks = default_reduction_blocks(len(model.blocks)) if rho < 1 else ()
         patches = model.patch_embed.num_patches
         decisions = [] if decisions is None else decisions
-        reducers = {b: PredictorReducer(predictors[s], s + 1, keep, patches, decisions) for s, b in enumerate(blocks)}
+        reducers = {b: PredictorReducer(predictors[s], s + 1, rho, patches, decisions) for s, b in enumerate(blocks)}
         return TokenReducedViT(model, reducers).train(model.training)  # a fresh module would train (Gumbel)
 
     def checkpoint_for(self, model_name, dataset):
-        from bench.models import ASSETS
+        from tokenbench.models import asset
 
-        path = ASSETS / "dynamicvit_digits.pt"
+        path = asset("dynamicvit_digits.pt")
         return path if (model_name, dataset) == ("vit_digits", "digits") and path.exists() else None
 
-    def training_loss(self, model, keep=0.7):
+    def training_loss(self, model, rho=0.7):
         """Predictors only (the backbone is frozen): CE + ratio MSE + KL to the dense model."""
         self.attach(model)
         for p in model.parameters():
@@ -120,14 +118,14 @@ class DynamicViT(Method):
         for p in model.token_predictors.parameters():
             p.requires_grad_(True)
         decisions: list = []
-        trainee = self.build(model, keep, decisions)
+        trainee = self.build(model, rho, decisions)
 
         def loss(m, images, labels, label_smoothing=0.0):
             decisions.clear()
             logits = m(images)
             with torch.no_grad():
                 teacher = m.vit(images).log_softmax(-1)
-            ratio = torch.stack([(d.mean(1) - keep ** (s + 1)).pow(2).mean() for s, d in enumerate(decisions)]).mean()
+            ratio = torch.stack([(d.mean(1) - rho ** (s + 1)).pow(2).mean() for s, d in enumerate(decisions)]).mean()
             distill = F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean", log_target=True)
             ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             return ce + RATIO_WEIGHT * ratio + DISTILL_WEIGHT * distill

@@ -10,44 +10,29 @@ Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers
 Reorganizations", ICLR 2022 (official code: youweiliang/evit).
 On a model without a class token (VideoMAE, average-pool ViTs) every token is a candidate and the attention
 each token receives, averaged over all queries, stands in for the class token's attention
-(`bench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
+(`tokenbench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
 
-import torch
-
-from bench.ledger import active_ledger
-from bench.registry import Method, keep_rate_knob, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, default_reduction_blocks, gather_tokens, keep_count, keep_tokens
+from tokenbench.registry import Method, keep_rate_knob, register_method
+from tokenbench.tokens import Need, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count
 
 
 class FuseInattentiveReducer(TokenReducer):
-    needs = frozenset({"cls_attn"})
+    needs = Need.CLS_ATTN
 
     def __init__(self, keep_rate: float):
         super().__init__()
         self.keep_rate = keep_rate
 
-    def forward(self, x, state, info):
-        p = state.prefix
-        n = x.shape[1] - p
+    def decide(self, x, state, info):
+        n = x.shape[1] - state.prefix
         k = keep_count(self.keep_rate, n)
         if k == n:
-            return x
-        score = info.cls_attn[:, :, p:].mean(dim=1)  # [B, n]
+            return None
+        score = info.cls_attn[:, :, state.prefix:].mean(dim=1)  # [B, n]
         weight, order = score.sort(dim=1, descending=True)
-        dropped = order[:, k:] + p
-        # The fused token: attention-weighted sum of the dropped post-residual tokens, as one matmul.
-        fused = weight[:, None, k:] @ gather_tokens(x, dropped)  # [B, 1, C]
-        ledger = active_ledger()
-        if ledger is not None:
-            ledger.add((n - k) * x.shape[-1])
-        fused_source = None
-        if state.source is not None:
-            fused_source = gather_tokens(state.source, dropped).sum(1, keepdim=True)
-        x = torch.cat([keep_tokens(x, state, order[:, :k]), fused], dim=1)
-        if fused_source is not None:
-            state.source = state.stages[-1] = torch.cat([state.source, fused_source], dim=1)
-        return x
+        # Keep the top k; the rest become one token, their sum weighted by the same attention.
+        return Prune(keep=order[:, :k], fuse_index=order[:, k:], fuse_weight=weight[:, k:])
 
 
 @register_method

@@ -1,7 +1,7 @@
 """The dense model: every token through every block. The reference every method is compared with."""
 
-from bench.registry import Method, register_method
-from bench.tokens import TokenReducedViT
+from tokenbench.registry import Method, register_method
+from tokenbench.tokens import TokenReducedViT
 
 
 @register_method

@@ -2,13 +2,14 @@
 
 The baseline of the DynamicViT paper's ablation, placed as in EViT (after attention in blocks 3, 6, 9)
 so that it differs from `topk` only in which tokens survive. Seeded: the same `torch.manual_seed` before
-`build` (the harness's `--seed`) gives the same tokens.
+`build` (the harness's `--seed`) gives the same tokens. The draws are made per batch, so an image's tokens
+depend on its place in the batch (`batch_invariant` is False): only the distribution is the method.
 """
 
 import torch
 
-from bench.registry import Method, keep_rate_knob, register_method
-from bench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
+from tokenbench.registry import Method, keep_rate_knob, register_method
+from tokenbench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
 
 
 class RandomReducer(KeepRateReducer):
@@ -25,6 +26,7 @@ class RandomDrop(Method):
     name = "random"
     family = "prune"
     knobs = (keep_rate_knob(),)
+    batch_invariant = False
     summary = "keep random tokens at blocks 3/6/9 (seeded)"
 
     def build(self, model, keep=1.0):

@@ -13,9 +13,8 @@ Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (official code: fa
 
 import torch
 
-from bench.ledger import active_ledger
-from bench.registry import Knob, Method, register_method
-from bench.tokens import TokenReducedViT, TokenReducer, flat_rows, gather_tokens
+from tokenbench.registry import Knob, Method, register_method
+from tokenbench.tokens import Merge, Need, TokenReducedViT, TokenReducer
 
 
 def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:
@@ -27,52 +26,34 @@ def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:
 
 
 class BipartiteMergeReducer(TokenReducer):
-    needs = frozenset({"keys"})
+    needs = Need.KEYS
 
     def __init__(self, r: int):
         super().__init__()
         self.r = r
 
-    def forward(self, x, state, info):
+    def decide(self, x, state, info):
         p, n = state.prefix, x.shape[1]
         r = min(self.r, (n - p) // 2)
         if r <= 0:
-            return x
+            return None
         # A: even positions, B: odd positions (as in ToMe); prefix tokens belong to neither.
         a_start, b_start = p + p % 2, p + 1 - p % 2
         metric = info.keys.mean(dim=1)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, a_start::2], metric[:, b_start::2]
-        similarity = a @ b.transpose(1, 2)  # [B, |A|, |B|]
-        ledger = active_ledger()
-        if ledger is not None:
-            ledger.add(a.shape[1] * b.shape[1] * a.shape[2])
-        best, partner = similarity.max(dim=-1)
+        best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
         order = best.argsort(dim=-1, descending=True)
         merged, unmerged = order[:, :r], order[:, r:]
         if p:  # ToMe keeps the A tokens in their order when there is a class token
             unmerged = unmerged.sort(dim=1).values
-        # Output [prefix, unmerged A, B]; each merged A token is added into its B partner's row.
+        # Output [prefix, unmerged A, B]; each merged A token goes into its B partner.
         batch, n_b = x.shape[0], b.shape[1]
         prefix = torch.arange(p, device=x.device).expand(batch, p)
         b_tokens = b_start + 2 * torch.arange(n_b, device=x.device).expand(batch, n_b)
-        kept = torch.cat([prefix, a_start + 2 * unmerged, b_tokens], dim=1)
-        merged_tokens = a_start + 2 * merged
-        into = flat_rows(n - r - n_b + partner.gather(1, merged), n - r)
-
-        def merge(t):
-            out = gather_tokens(t, kept)
-            sources = gather_tokens(t, merged_tokens).flatten(0, 1)
-            # index_put_ accumulates in one parallel pass; index_add_ stalls on shared, multi-threaded CPUs.
-            out.view(-1, *t.shape[2:]).index_put_((into,), sources, accumulate=True)
-            return out
-
-        weighted = x if state.size is None else x * state.size
-        state.size = merge(torch.ones_like(x[..., :1]) if state.size is None else state.size)
-        if state.source is not None:
-            state.source = merge(state.source)
-            state.stages.append(state.source)
-        return merge(weighted) / state.size
+        return Merge(kept=torch.cat([prefix, a_start + 2 * unmerged, b_tokens], dim=1),
+                     merged=a_start + 2 * merged, into=n - r - n_b + partner.gather(1, merged),
+                     macs=a.shape[1] * b.shape[1] * a.shape[2])
 
 
 @register_method

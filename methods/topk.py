@@ -5,12 +5,12 @@ tokens ranked by the class token's attention averaged over heads; the class toke
 Liang et al., "Not All Patches are What You Need" (EViT), ICLR 2022, rows without fusion.
 """
 
-from bench.registry import Method, keep_rate_knob, register_method
-from bench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
+from tokenbench.registry import Method, keep_rate_knob, register_method
+from tokenbench.tokens import KeepRateReducer, Need, TokenReducedViT, default_reduction_blocks
 
 
 class ClassAttentionReducer(KeepRateReducer):
-    needs = frozenset({"cls_attn"})
+    needs = Need.CLS_ATTN
 
     def score(self, x, state, info):
         return info.cls_attn[:, :, state.prefix:].mean(dim=1)

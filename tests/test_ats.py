@@ -7,9 +7,9 @@ import pytest
 import torch
 from plain_vit import deit_small, one_thread, plain_logits, small_vit  # noqa: F401  (one_thread: autouse)
 
-import methods.ats
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.registry import get_method
+import tokenbench.methods.ats
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.registry import get_method
 
 
 def peaky_vit(name="deit_small_patch16_224", **kwargs):
@@ -48,10 +48,10 @@ def ats_step(samples, class_token=True, first_block=3):
 
 
 def test_official_placement_and_sample_count():
-    model = get_method("ats").build(deit_small(), keep=1.0)
+    model = get_method("ats").build(deit_small(), sample_rate=1.0)
     assert [blk.reducer is not None for blk in model.blocks] == [False] * 3 + [True] * 9
     assert model.blocks[3].reducer.samples == 196  # n_ref_tokens - 1 in the official DeiT-S config
-    assert get_method("ats").build(deit_small(), keep=0.5).blocks[3].reducer.samples == 98
+    assert get_method("ats").build(deit_small(), sample_rate=0.5).blocks[3].reducer.samples == 98
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -63,7 +63,7 @@ def test_official_placement_and_sample_count():
 def test_batched_logits_equal_the_written_out_algorithm_per_image(name, kwargs, keep):
     vit = peaky_vit(name, **kwargs)
     images = torch.randn(4, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    model = get_method("ats").build(vit, keep=keep)
+    model = get_method("ats").build(vit, sample_rate=keep)
     ledger = measure_gmacs(model, images)
     assert len(set(map(tuple, ledger.tokens_per_block().tolist()))) > 1  # counts differ: the batch is padded
     with torch.inference_mode():
@@ -75,7 +75,7 @@ def test_batched_logits_equal_the_written_out_algorithm_per_image(name, kwargs, 
 def test_padding_never_changes_an_image_or_its_gmacs():
     vit = peaky_vit()
     images = torch.randn(6, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    model = get_method("ats").build(vit, keep=1.0)
+    model = get_method("ats").build(vit, sample_rate=1.0)
     batch = measure_gmacs(model, images)
     with torch.inference_mode():
         together = model(images)
@@ -88,7 +88,7 @@ def test_padding_never_changes_an_image_or_its_gmacs():
 
 
 def test_ledger_matmuls_equal_the_flop_counter():
-    model = get_method("ats").build(deit_small(), keep=1.0)
+    model = get_method("ats").build(deit_small(), sample_rate=1.0)
     x = torch.randn(1, 3, 224, 224)
     assert measure_gmacs(model, x).matmul_gmacs.item() == pytest.approx(flop_counter_gmacs(model, x), rel=1e-9)
 
@@ -99,10 +99,10 @@ def test_every_token_sampled_reproduces_the_dense_logits(monkeypatch):
     def every_position(cdf, levels):
         return torch.arange(cdf.shape[1]).expand(cdf.shape[0], -1)
 
-    monkeypatch.setattr(methods.ats, "nearest_points", every_position)
+    monkeypatch.setattr(tokenbench.methods.ats, "nearest_points", every_position)
     vit = peaky_vit("deit3_small_patch16_224")
     images = torch.randn(3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    model = get_method("ats").build(vit, keep=1.0)
+    model = get_method("ats").build(vit, sample_rate=1.0)
     assert (measure_gmacs(model, images).tokens_per_block() == 17).all()
     with torch.inference_mode():
         torch.testing.assert_close(model(images), vit(images), rtol=0, atol=1e-10)
@@ -111,7 +111,7 @@ def test_every_token_sampled_reproduces_the_dense_logits(monkeypatch):
 def test_without_a_class_token_the_mean_attention_received_stands_in():
     vit = peaky_vit("vit_small_patch16_224", class_token=False, global_pool="avg")
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    model = get_method("ats").build(vit, keep=1.0)
+    model = get_method("ats").build(vit, sample_rate=1.0)
     assert model.cls_substitute == "mean attention received"
     with torch.inference_mode():
         fast = model(images)

@@ -8,12 +8,13 @@ import torch
 
 from plain_vit import one_thread  # noqa: F401  (autouse fixture)
 
-from bench.budget import candidates, dense_gmacs, matched_points, search_knobs
-from bench.cli import main
-from bench.ledger import measure_gmacs
-from bench.models import save_checkpoint
-from bench.registry import BenchError, get_method
-from bench.results import read_results
+from tokenbench.budget import candidates, dense_gmacs, matched_points, search_knobs
+from tokenbench.cli import main
+from tokenbench.ledger import measure_gmacs
+from tokenbench.models import save_checkpoint
+from tokenbench.errors import BenchError
+from tokenbench.registry import get_method
+from tokenbench.results import read_results
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,8 @@ def test_bench_budget_records_requested_and_achieved(tmp_path, vit):
     argv = ["bench", "--method", "none,topk", "--budget", "0.6", "--checkpoint", checkpoint,
             "--out", tmp_path / "out", "--no-timing", "--batch-size", "64", "--cache-dir", tmp_path / "cache"]
     assert main([str(a) for a in argv]) == 0
-    rows = {r["method"]: r for r in read_results(tmp_path / "out" / "results.jsonl")}
+    rows = {r.method: r for r in read_results(tmp_path / "out" / "results.jsonl")}
     assert set(rows) == {"none", "topk"}
-    assert all(r["budget"] == 0.6 for r in rows.values())
-    assert rows["none"]["budget_achieved"] == pytest.approx(1.0)
-    assert 0.55 < rows["topk"]["budget_achieved"] <= 0.6
+    assert all(r.budget == 0.6 for r in rows.values())
+    assert rows["none"].budget_achieved == pytest.approx(1.0)
+    assert 0.55 < rows["topk"].budget_achieved <= 0.6

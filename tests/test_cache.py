@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from bench import cache, data
-from bench.registry import BenchError
+from tokenbench import cache, data, datasets
+from tokenbench.errors import BenchError
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def imagenet_style(size=24, crop_pct=0.875):
 
 def test_store_gives_exactly_the_transformed_images_and_is_reused(image_folder, tmp_path):
     transform = imagenet_style()
-    ds = data.build_dataset("folder", "test", transform, str(image_folder))
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
     first = cache.load_images(ds, transform, tmp_path / "store")
     assert not first.cached and first.images.dtype.name == "uint8" and first.images.shape == (6, 3, 24, 24)
     x, y = first.batch(0, 6)
@@ -47,14 +47,14 @@ def test_store_gives_exactly_the_transformed_images_and_is_reused(image_folder, 
 
 def test_store_is_keyed_by_transform_and_by_the_files(image_folder, tmp_path):
     store = tmp_path / "store"
-    ds = data.build_dataset("folder", "test", imagenet_style(), str(image_folder))
+    ds = datasets.build_dataset("folder", "test", imagenet_style(), str(image_folder))
     cache.load_images(ds, imagenet_style(), store)
     assert not cache.load_images(ds, imagenet_style(crop_pct=1.0), store).cached
     assert len(list(store.iterdir())) == 2
     path = image_folder / "dog" / "0.jpg"
     Image.new("RGB", (40, 30), (9, 9, 9)).save(path)
     os.utime(path, ns=(1, 1))
-    changed = data.build_dataset("folder", "test", imagenet_style(), str(image_folder))
+    changed = datasets.build_dataset("folder", "test", imagenet_style(), str(image_folder))
     fresh = cache.load_images(changed, imagenet_style(), store)
     assert not fresh.cached and torch.equal(fresh.batch(0, 6)[0], torch.stack([changed.dataset[i][0] for i in range(6)]))
 
@@ -62,7 +62,7 @@ def test_store_is_keyed_by_transform_and_by_the_files(image_folder, tmp_path):
 def test_unreadable_images_are_counted_or_fail_under_strict(image_folder, tmp_path):
     (image_folder / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     transform = imagenet_style()
-    ds = data.build_dataset("folder", "test", transform, str(image_folder))
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
     with pytest.raises(BenchError, match="zz_broken.jpg"):
         cache.load_images(ds, transform, tmp_path / "store", strict=True)
     assert not any((tmp_path / "store").iterdir())  # nothing half-written is left behind
@@ -75,7 +75,7 @@ def test_unreadable_images_are_counted_or_fail_under_strict(image_folder, tmp_pa
 def test_other_transforms_fall_back_to_float_tensors_in_memory(image_folder, tmp_path):
     def transform(image):
         return torch.zeros(3, 8, 8) + image.size[0]
-    ds = data.build_dataset("folder", "test", transform, str(image_folder))
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
     store = cache.load_images(ds, transform, tmp_path / "store")
     assert not store.cached and store.batch(0, 6)[0][:, 0, 0, 0].tolist() == [40, 30, 30, 40, 40, 30]
     assert not (tmp_path / "store").exists()
@@ -83,7 +83,7 @@ def test_other_transforms_fall_back_to_float_tensors_in_memory(image_folder, tmp
 
 def test_batches_kept_in_memory_equal_batches_made_per_step(image_folder, tmp_path, monkeypatch):
     transform = imagenet_style()
-    store = cache.load_images(data.build_dataset("folder", "test", transform, str(image_folder)), transform,
+    store = cache.load_images(datasets.build_dataset("folder", "test", transform, str(image_folder)), transform,
                               tmp_path / "store")
     kept = [torch.cat(t) for t in zip(*store.batches(4, 1, 6))]
     monkeypatch.setattr(cache, "FLOAT_MEMORY_BYTES", 0)
@@ -95,7 +95,7 @@ def test_batches_kept_in_memory_equal_batches_made_per_step(image_folder, tmp_pa
 def test_decoding_in_worker_processes_gives_the_same_store(image_folder, tmp_path, archive):
     (image_folder / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     transform = imagenet_style()
-    ds = data.build_dataset("folder", "test", transform, str(image_folder))
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
     if archive:  # members of one zip, as CIFAR's train.zip is read: each worker needs its own handle
         zipped = tmp_path / "images.zip"
         with zipfile.ZipFile(zipped, "w") as z:

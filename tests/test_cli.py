@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bench.cli import main
-from bench.results import read_results
+from tokenbench.cli import main
+from tokenbench.results import read_results
 
 
 def run(*argv):
@@ -25,14 +25,14 @@ def test_sweep_writes_one_row_per_configuration_and_resumes(tmp_path, checkpoint
             "--out", tmp_path, "--repeats", "1", "--batch-size", "8"]
     assert run(*args) == 0
     rows = read_results(tmp_path / "results.jsonl")
-    assert [(r["method"], r["knobs"]) for r in rows] == [("none", {}), ("topk", {"keep": 0.7}), ("topk", {"keep": 0.5})]
+    assert [(r.method, r.knobs) for r in rows] == [("none", {}), ("topk", {"keep": 0.7}), ("topk", {"keep": 0.5})]
     row = rows[1]
-    assert row["n_images"] == 540 and 0 <= row["top1"] <= row["top5"] <= 1
-    assert row["tokens_per_block"] == [65] * 4 + [46] * 3 + [33] * 3 + [24] * 2
-    assert row["gmacs"] < rows[0]["gmacs"] and row["gmacs_std"] == pytest.approx(0)
-    assert row["throughput"] > 0 and row["latency_ms"] > 0 and row["threads"] == torch.get_num_threads()
-    assert row["weights"].startswith("file:vit_digits_random.pt@sha256:")
-    prov = row["provenance"]
+    assert row.n_images == 540 and 0 <= row.top1 <= row.top5 <= 1
+    assert row.tokens_per_block == [65] * 4 + [46] * 3 + [33] * 3 + [24] * 2
+    assert row.gmacs < rows[0].gmacs and row.gmacs_std == pytest.approx(0)
+    assert row.throughput > 0 and row.latency_ms > 0 and row.threads == torch.get_num_threads()
+    assert row.weights.startswith("file:vit_digits_random.pt@sha256:")
+    prov = row.provenance
     assert {"git_sha", "git_dirty", "torch", "timm", "device_name", "time_utc", "seed"} <= set(prov)
     capsys.readouterr()
     assert run(*args) == 0
@@ -43,17 +43,17 @@ def test_sweep_writes_one_row_per_configuration_and_resumes(tmp_path, checkpoint
 def test_accuracy_only_rows_are_completed_by_a_timed_run(tmp_path, checkpoint):
     base = ["bench", "--method", "none", "--checkpoint", checkpoint, "--out", tmp_path, "--batch-size", "8"]
     assert run(*base, "--no-timing") == 0
-    assert "throughput" not in read_results(tmp_path / "results.jsonl")[0]
+    assert read_results(tmp_path / "results.jsonl")[0].throughput is None
     assert run(*base, "--repeats", "1") == 0
     rows = read_results(tmp_path / "results.jsonl")
-    assert len(rows) == 2 and rows[1]["throughput"] > 0 and rows[0]["cell_id"] == rows[1]["cell_id"]
+    assert len(rows) == 2 and rows[1].throughput > 0 and rows[0].cell_id == rows[1].cell_id
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "nope"], "unknown method 'nope'; known methods: "),
-    (["--method", "topk", "--keep", "1.5"], "--keep 1.5 is outside (0, 1]"),
-    (["--method", "topk", "--keep", "0"], "--keep 0 is outside (0, 1]"),
-    (["--method", "topk", "--keep", "abc"], "--keep: 'abc' is not a valid float"),
+    (["--method", "topk", "--keep", "1.5"], "topk: keep=1.5 is outside (0, 1]"),
+    (["--method", "topk", "--keep", "0"], "topk: keep=0 is outside (0, 1]"),
+    (["--method", "topk", "--keep", "abc"], "topk: keep='abc' is not a valid float"),
     (["--method", "none", "--model", "no_such_model"], "unknown model 'no_such_model'"),
     (["--method", "none", "--dataset", "no_such_data"], "unknown dataset 'no_such_data'; known datasets: "),
     (["--method", "none", "--model", "resnet18"], "ResNet is not a timm VisionTransformer"),

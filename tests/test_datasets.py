@@ -9,11 +9,11 @@ import timm
 import torch
 from PIL import Image
 
-from bench import data
-from bench.cli import main
-from bench.models import save_checkpoint
-from bench.registry import BenchError
-from bench.results import read_results
+from tokenbench import data, datasets
+from tokenbench.cli import main
+from tokenbench.models import save_checkpoint
+from tokenbench.errors import BenchError
+from tokenbench.results import read_results
 from conftest import shared_data
 
 
@@ -33,7 +33,7 @@ def caffe_labels(root):
 
 def test_imagenet_subset_keeps_the_canonical_1000_class_index():
     root = shared_data("imagenet-val")
-    ds = data.build_dataset("imagenet", "test", identity, str(root))
+    ds = datasets.build_dataset("imagenet", "test", identity, str(root))
     files = ds.dataset
     assert ds.num_classes == 1000 and len(files) == 1300 and len(set(files.labels.tolist())) == 725
     official = caffe_labels(root)  # the published val labels, indexed by sorted wnid
@@ -49,7 +49,7 @@ def test_imagenet_class_order_falls_back_to_timms_sorted_wnids(tmp_path):
 
 def test_imagenet_flat_layout_with_a_label_file(tmp_path):
     root = shared_data("imagenet-val")
-    folder_ds = data.build_dataset("imagenet", "val", identity, str(root)).dataset
+    folder_ds = datasets.build_dataset("imagenet", "val", identity, str(root)).dataset
     chosen = folder_ds.paths[::260]
     (tmp_path / "val").mkdir()
     for path in chosen:
@@ -60,23 +60,23 @@ def test_imagenet_flat_layout_with_a_label_file(tmp_path):
     lines = [f"{p.rsplit('/', 1)[1]} {official[p.rsplit('/', 1)[1]] if i == 0 else wnids[official[p.rsplit('/', 1)[1]]]}"
              for i, p in enumerate(chosen)]
     (tmp_path / "val_labels.txt").write_text("\n".join(lines) + "\n")
-    flat = data.build_dataset("imagenet", "test", identity, str(tmp_path)).dataset
+    flat = datasets.build_dataset("imagenet", "test", identity, str(tmp_path)).dataset
     assert sorted(flat.labels.tolist()) == sorted(folder_ds.labels[::260].tolist())
     assert flat.read(0).size == folder_ds.read(0).size
 
 
 def test_imagenet_missing_root_shows_the_expected_layout(tmp_path):
     with pytest.raises(BenchError, match=r"(?s)does not hold the expected layout.*ROOT/val/<wnid>/<image>.JPEG"):
-        data.build_dataset("imagenet", "test", identity, str(tmp_path / "absent"))
+        datasets.build_dataset("imagenet", "test", identity, str(tmp_path / "absent"))
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "a.JPEG").write_bytes(b"")
     with pytest.raises(BenchError, match="label file"):
-        data.build_dataset("imagenet", "test", identity, str(tmp_path))
+        datasets.build_dataset("imagenet", "test", identity, str(tmp_path))
 
 
 def test_cifar10_test_zip_is_read_in_place_with_official_labels():
     root = shared_data("cifar10")
-    ds = data.build_dataset("cifar10", "test", identity, str(root))
+    ds = datasets.build_dataset("cifar10", "test", identity, str(root))
     images = ds.dataset
     assert ds.num_classes == 10 and ds.unreadable == 0
     assert images.images.shape == (10000, 32, 32, 3) and np.bincount(images.labels).tolist() == [1000] * 10
@@ -99,10 +99,10 @@ def test_cifar100_folder_layout_uses_the_official_fine_label_order(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(10):
                 (tmp_path / split / cls / f"{i}.png").write_bytes(png((i, 0, 0)))
-    test = data.build_dataset("cifar100", "test", identity, str(tmp_path))
+    test = datasets.build_dataset("cifar100", "test", identity, str(tmp_path))
     assert test.num_classes == 100 and sorted(set(test.dataset.labels.tolist())) == [0, 99]
-    train = data.build_dataset("cifar100", "train", identity, str(tmp_path)).dataset
-    val = data.build_dataset("cifar100", "val", identity, str(tmp_path)).dataset
+    train = datasets.build_dataset("cifar100", "train", identity, str(tmp_path)).dataset
+    val = datasets.build_dataset("cifar100", "val", identity, str(tmp_path)).dataset
     assert len(train) == 18 and len(val) == 2 and sorted(val.labels.tolist()) == [0, 99]  # 10% held out, stratified
 
 
@@ -110,28 +110,28 @@ def test_cifar10_zip_counts_unreadable_images(tmp_path):
     with zipfile.ZipFile(tmp_path / "test.zip", "w") as z:
         z.writestr("test/cat/0.png", png((1, 2, 3)))
         z.writestr("test/dog/1.png", b"not an image")
-    ds = data.build_dataset("cifar10", "test", identity, str(tmp_path))
+    ds = datasets.build_dataset("cifar10", "test", identity, str(tmp_path))
     assert len(ds.dataset) == 1 and ds.unreadable == 1 and ds.dataset.labels.tolist() == [3]
     with pytest.raises(BenchError, match="ROOT/train.zip"):
-        data.build_dataset("cifar10", "test", identity, str(tmp_path / "nowhere"))
+        datasets.build_dataset("cifar10", "test", identity, str(tmp_path / "nowhere"))
 
 
 def test_folder_dataset_with_and_without_split_folders(tmp_path):
     for cls in ("b_cat", "a_dog"):
         (tmp_path / "flat" / cls).mkdir(parents=True)
         (tmp_path / "flat" / cls / "x.png").write_bytes(png((5, 5, 5)))
-    ds = data.build_dataset("folder", "test", identity, str(tmp_path / "flat"))
+    ds = datasets.build_dataset("folder", "test", identity, str(tmp_path / "flat"))
     assert ds.num_classes == 2 and ds.dataset.labels.tolist() == [0, 1]  # sorted folder names: a_dog = 0
     (tmp_path / "split" / "val" / "x").mkdir(parents=True)
     with pytest.raises(BenchError, match="ROOT/<split>/<class>/<image>"):
-        data.build_dataset("folder", "test", identity, str(tmp_path / "split"))
+        datasets.build_dataset("folder", "test", identity, str(tmp_path / "split"))
 
 
 @pytest.fixture
 def imagenet_sample(tmp_path):
     """30 real ImageNet val images in the usual layout (symlinks), with the class list."""
     root = shared_data("imagenet-val")
-    files = data.build_dataset("imagenet", "test", identity, str(root)).dataset
+    files = datasets.build_dataset("imagenet", "test", identity, str(root)).dataset
     sample = tmp_path / "imagenet"
     for path in files.paths[::43]:
         wnid, name = path.rsplit("/", 2)[1:]
@@ -152,15 +152,15 @@ def test_imagenet_from_the_cli_with_the_models_own_transform(tmp_path, imagenet_
     assert main(args + ["--strict"]) == 2
     assert main(args) == 0
     row = read_results(tmp_path / "out" / "results.jsonl")[0]
-    assert row["n_images"] == 31 and row["n_unreadable"] == 1 and row["dataset"] == "imagenet"
-    assert row["weights"].startswith("file:in1k.pt@sha256:")
+    assert row.n_images == 31 and row.n_unreadable == 1 and row.dataset == "imagenet"
+    assert row.weights.startswith("file:in1k.pt@sha256:")
 
 
 def test_pretrained_tag_loads_offline_from_the_hugging_face_cache(tmp_path, monkeypatch):
     """timm name.tag + --pretrained reads the HF cache with HF_HUB_OFFLINE=1; the row names the snapshot."""
     from safetensors.torch import save_file
 
-    from bench.models import load_model
+    from tokenbench.models import load_model
 
     torch.manual_seed(3)
     weights = {k: v.contiguous() for k, v in timm.create_model("test_vit.r160_in1k").state_dict().items()}

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import distributed
-from bench.cli import main
-from bench.leaderboard import load_rows
-from bench.measure import Evaluation
-from bench.registry import BenchError
-from bench.results import read_results, results_files
+from tokenbench import distributed
+from tokenbench.cli import main
+from tokenbench.leaderboard import load_rows
+from tokenbench.measure import Evaluation
+from tokenbench.errors import BenchError
+from tokenbench.results import read_results, results_files
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = {"provenance", "cell_id", "device_name"}
@@ -58,7 +58,7 @@ def test_shard_parsing_and_deterministic_round_robin():
 
 
 def rows_without_volatile(path):
-    return {(r["method"], str(r["knobs"])): {k: v for k, v in r.items() if k not in VOLATILE}
+    return {(r.method, str(r.knobs)): {k: v for k, v in r.to_dict().items() if k not in VOLATILE}
             for r in read_results(path)}
 
 
@@ -81,9 +81,9 @@ def test_torchrun_two_gloo_processes_write_the_single_process_row(tmp_path, chec
     base = ["--method", "none,topk", "--keep", "0.5", "--checkpoint", str(checkpoint), "--no-timing", "--split", "val",
             "--batch-size", "50", "--threads", "1"]
     assert main(["bench", *base, "--out", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bench", "bench", *base, "--out", str(tmp_path / "ddp")]
+           "-m", "tokenbench", "bench", *base, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 processes" in done.stdout
@@ -105,5 +105,5 @@ def test_submitit_runs_each_shard_as_an_array_job(tmp_path, checkpoint):
     assert main(args) == 0
     files = results_files(tmp_path)
     assert [f.name for f in files] == ["results-shard-0-of-2.jsonl", "results-shard-1-of-2.jsonl"]
-    assert sorted((r["method"], r["knobs"].get("keep")) for f in files for r in read_results(f)) == [
+    assert sorted((r.method, r.knobs.get("keep")) for f in files for r in read_results(f)) == [
         ("none", None), ("topk", 0.5), ("topk", 0.7)]

@@ -6,11 +6,14 @@ import pytest
 import timm
 import torch
 
-from bench import models
+from tokenbench import datasets, models
 from conftest import train_steps
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.registry import BenchError, get_method
-from methods.dvt import DVTCascade, EarlyExitDVT, exit_choice, search_thresholds
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.errors import BenchError
+from tokenbench.registry import get_method
+from tokenbench.methods.dvt import EarlyExitDVT
+from tokenbench.methods.dvt.architecture import DVTCascade
+from tokenbench.methods.dvt.thresholds import exit_choice, search_thresholds
 
 
 def cascade(**reuse):
@@ -126,10 +129,9 @@ def test_shipped_checkpoint_meets_its_budgets_on_the_val_split():
     path = method.checkpoint_for("vit_digits", "digits")
     assert path is not None, "bench/assets/dvt_digits.pt is missing"
     loaded = models.load_model(checkpoint=path)
-    from bench import data
-    from bench.commands.bench import preload
+    from tokenbench.harness import preload
 
-    val = preload(data.build_dataset("digits", "val", data.eval_transform(loaded.model)).dataset)
+    val = preload(datasets.build_dataset("digits", "val", datasets.eval_transform(loaded.model)).dataset)
     costs = loaded.model.exit_gmacs(val[0])
     firsts = []
     for budget in (0.3, 0.8):

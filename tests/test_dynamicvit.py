@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from bench import models
+from tokenbench import models
 from conftest import train_steps
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.registry import BenchError, get_method
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.errors import BenchError
+from tokenbench.registry import get_method
 
 
 @pytest.fixture
@@ -17,19 +18,19 @@ def with_predictors(tiny_vit):
 
 def test_keep_one_reproduces_the_backbone(with_predictors, digit_images):
     with torch.inference_mode():
-        assert torch.equal(get_method("dynamicvit").build(with_predictors, keep=1.0)(digit_images),
+        assert torch.equal(get_method("dynamicvit").build(with_predictors, rho=1.0)(digit_images),
                            with_predictors(digit_images))
 
 
 def test_keeps_int_n_rho_power_s_before_blocks_3_6_9(with_predictors, digit_images):
-    model = get_method("dynamicvit").build(with_predictors, keep=0.7)
+    model = get_method("dynamicvit").build(with_predictors, rho=0.7)
     tokens = measure_gmacs(model, digit_images).tokens_per_block()[0].tolist()
     kept = [1 + int(64 * 0.7 ** s) for s in (1, 2, 3)]  # 44, 31, 21 patches plus the class token
     assert tokens == [65] * 3 + [kept[0]] * 3 + [kept[1]] * 3 + [kept[2]] * 3
 
 
 def test_predictor_cost_is_counted(with_predictors, digit_images):
-    model = get_method("dynamicvit").build(with_predictors, keep=0.7)
+    model = get_method("dynamicvit").build(with_predictors, rho=0.7)
     ledger = measure_gmacs(model, digit_images[:1]).matmul_gmacs.item()
     assert ledger == pytest.approx(flop_counter_gmacs(model, digit_images[:1]), rel=1e-9)
     without = measure_gmacs(get_method("topk").build(with_predictors, keep=1.0), digit_images[:1]).gmacs.item()
@@ -38,14 +39,14 @@ def test_predictor_cost_is_counted(with_predictors, digit_images):
 
 def test_plain_backbone_is_refused(tiny_vit):
     with pytest.raises(BenchError, match="predictors"):
-        get_method("dynamicvit").build(tiny_vit, keep=0.7)
+        get_method("dynamicvit").build(tiny_vit, rho=0.7)
 
 
 def test_training_lowers_the_loss_moves_only_predictors_and_reloads(tmp_path, tiny_vit, digit_images):
     backbone = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     method = get_method("dynamicvit")
     torch.manual_seed(0)
-    trainee, loss = method.training_loss(tiny_vit, keep=0.7)
+    trainee, loss = method.training_loss(tiny_vit, rho=0.7)
     trainable = [p for p in trainee.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in tiny_vit.token_predictors.parameters())
     labels = torch.arange(4)
@@ -59,4 +60,4 @@ def test_training_lowers_the_loss_moves_only_predictors_and_reloads(tmp_path, ti
     models.save_checkpoint(path, tiny_vit, "vit_digits", {"trained_with": "dynamicvit"})
     loaded = models.load_model(checkpoint=path).model
     with torch.inference_mode():
-        assert torch.equal(method.build(loaded, keep=0.7)(digit_images), method.build(tiny_vit, keep=0.7)(digit_images))
+        assert torch.equal(method.build(loaded, rho=0.7)(digit_images), method.build(tiny_vit, rho=0.7)(digit_images))

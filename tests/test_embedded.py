@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bench import data
-from bench.commands.bench import batches, preload
-from bench.measure import evaluate
-from bench.models import load_model
+from tokenbench import data, datasets
+from tokenbench.harness import batches, preload
+from tokenbench.measure import evaluate
+from tokenbench.models import load_model
 from conftest import shared_data
 
 
@@ -14,7 +14,7 @@ def test_embedded_weights_reach_their_recorded_test_accuracy():
     loaded = load_model("vit_digits")
     assert loaded.weights.startswith("embedded:vit_digits.pt@sha256:")
     assert loaded.meta["command"].startswith("tokenbench train --model vit_digits --dataset digits")
-    test = data.build_dataset("digits", "test", data.eval_transform(loaded.model))
+    test = datasets.build_dataset("digits", "test", datasets.eval_transform(loaded.model))
     images, labels = preload(test.dataset)
     result = evaluate(loaded.model, batches(images, labels, 64), torch.device("cpu"))
     assert result.n_images == 540
@@ -37,7 +37,7 @@ def test_cifar10_reference_weights_reach_their_recorded_test_accuracy():
     root = shared_data("cifar10")
     loaded = load_model("vit_cifar10")
     assert loaded.meta["command"].startswith("tokenbench train --model vit_cifar10 --dataset cifar10")
-    test = data.build_dataset("cifar10", "test", data.eval_transform(loaded.model), str(root))
+    test = datasets.build_dataset("cifar10", "test", datasets.eval_transform(loaded.model), str(root))
     images, labels = preload(test.dataset)
     result = evaluate(loaded.model, batches(images, labels, 500), torch.device("cpu"))
     assert result.n_images == 10_000

@@ -6,8 +6,8 @@ import pytest
 import torch
 from plain_vit import deit_small, one_thread, plain_logits, small_vit  # noqa: F401  (one_thread: autouse)
 
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.registry import get_method
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.registry import get_method
 
 ARCHITECTURES = [
     ("deit_small_patch16_224", {}),  # plain, class token
@@ -65,12 +65,9 @@ def test_logits_equal_the_written_out_algorithm(name, kwargs):
 
 def test_fused_token_is_traced_as_merged():
     model = get_method("evit").build(deit_small(), keep=0.5)
-    model.trace = True
-    with torch.inference_mode():
-        model(torch.randn(1, 3, 224, 224))
-    stages = model.last_state.stages
-    assert [s.shape[1] for s in stages] == [100, 52, 28]
-    for source in stages:
+    stages = model.trace(torch.randn(1, 3, 224, 224))
+    assert [(block, s.shape[1]) for block, s in stages] == [(3, 100), (6, 52), (9, 28)]
+    for _, source in stages:
         assert source.sum().item() == 196  # every patch is in exactly one token: kept or fused
         assert source[0, -1].sum().item() > 1  # the last token is the fused one
 

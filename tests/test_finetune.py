@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from bench import models
-from bench.cli import main
+from tokenbench import models
+from tokenbench.cli import main
 from conftest import train_steps
-from bench.commands.train import method_knobs
-from bench.registry import get_method, knob_by_name
+from tokenbench.commands.train import method_knobs
+from tokenbench.registry import get_method, knob_by_name
 
 
 def args_with(**given):
@@ -21,9 +21,9 @@ def args_with(**given):
 
 def test_knobs_to_train_at():
     assert method_knobs(get_method("evit"), args_with()) == {"keep": 0.7}  # the middle of its sweep
-    assert method_knobs(get_method("evit"), args_with(keep=0.5)) == {"keep": 0.5}
-    assert method_knobs(get_method("dynamicvit"), args_with()) == {"keep": 0.7}  # its own default (the paper's rho)
-    assert method_knobs(get_method("dvt"), args_with(cost=0.5)) == {}  # the budget only matters at inference
+    assert method_knobs(get_method("evit"), args_with(keep="0.5")) == {"keep": 0.5}
+    assert method_knobs(get_method("dynamicvit"), args_with()) == {"rho": 0.7}  # its own default (the paper's rho)
+    assert method_knobs(get_method("dvt"), args_with(cost="0.5")) == {}  # the budget only matters at inference
 
 
 def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit, digit_images):
@@ -44,15 +44,15 @@ def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit
 
 @pytest.mark.parametrize("dataset, mirrored", [("digits", False), ("moving-digits", False), ("mirrorable-digits", True)])
 def test_training_mirrors_only_mirror_invariant_datasets(tmp_path, monkeypatch, dataset, mirrored):
-    from bench import data
-    from bench.commands import train as train_command
+    from tokenbench import data, datasets
+    from tokenbench import training
 
     def mirrorable_digits(split, transform, root=None):
         return dataclasses.replace(data.digits(split, transform, root), mirror_invariant=True)
 
-    monkeypatch.setitem(data._DATASETS, "mirrorable-digits", mirrorable_digits)
+    monkeypatch.setitem(datasets.DATASETS, "mirrorable-digits", mirrorable_digits)
     seen = []
-    monkeypatch.setattr(train_command, "train", lambda model, train_set, *a, **k: seen.append(train_set) or [{}])
+    monkeypatch.setattr(training, "train", lambda model, train_set, *a, **k: seen.append(train_set) or [{}])
     model = "vit_video_digits" if dataset == "moving-digits" else "vit_digits"
     assert main(["train", "--model", model, "--dataset", dataset, "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 0
     steps = seen[0].transform.transforms

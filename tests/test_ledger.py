@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from bench.ledger import CostLedger, flop_counter_gmacs, fvcore_gmacs, measure_gmacs
-from bench.registry import get_method
+from tokenbench.ledger import CostLedger, flop_counter_gmacs, fvcore_gmacs, measure_gmacs
+from tokenbench.registry import get_method
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,15 @@ def plugin_path(tmp_path_factory):
     return target
 
 
-def tokenbench(plugin_path, *args):
-    env_path = f"{plugin_path}:{Path(__file__).resolve().parents[1]}"
-    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
-                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
+def run_with_plugin(plugin_path, *args, cwd=None):
+    """`python -m ...` in the test's environment, with the plugin installed beside tokenbench."""
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={"PYTHONPATH": str(plugin_path), "PATH": "/usr/bin:/bin",
                                "TOKENBENCH_CACHE": os.environ["TOKENBENCH_CACHE"]}, timeout=600)
+
+
+def tokenbench(plugin_path, *args):
+    return run_with_plugin(plugin_path, "tokenbench", *args)
 
 
 def test_installed_plugin_is_listed(plugin_path):
@@ -58,3 +62,22 @@ def test_installed_plugin_runs_in_a_sweep(plugin_path, tmp_path):
                                                          ("every_other", {"stride": 4})]
     dense, half, quarter = (r["tokens_per_block"] for r in rows)
     assert half[:6] == dense[:6] == [65] * 6 and half[6:] == [33] * 6 and quarter[6:] == [17] * 6
+
+
+def test_the_conformance_suite_runs_on_the_installed_plugin(plugin_path, tmp_path):
+    """The README's one command for a plugin author, run from a folder outside the checkout."""
+    out = run_with_plugin(plugin_path, "pytest", "--pyargs", "tokenbench.testing", "-k", "every_other", "-v",
+                          "-p", "no:cacheprovider", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:]
+    tested = [line for line in out.stdout.splitlines() if "every_other" in line and "PASSED" in line]
+    assert len(tested) >= 5, out.stdout[-3000:]
+
+
+def test_a_users_methods_py_or_bench_py_changes_nothing(plugin_path, tmp_path):
+    """tokenbench installs as one import name: files called methods.py or bench.py in the working folder
+    (which Python puts first on the path) can shadow nothing."""
+    (tmp_path / "methods.py").write_text("raise SystemExit('the user methods.py was imported')\n")
+    (tmp_path / "bench.py").write_text("raise SystemExit('the user bench.py was imported')\n")
+    out = run_with_plugin(plugin_path, "tokenbench", "methods", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert {line.split()[0] for line in out.stdout.splitlines()[2:]} >= {"none", "topk", "tome", "every_other"}

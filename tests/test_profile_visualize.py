@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from plain_vit import one_thread  # noqa: F401  (autouse fixture)
 
-from bench.cli import main
-from bench.commands.speed import parse_cell
-from bench.commands.visualize import DROPPED, describe, patch_owners, render
+from tokenbench.cli import main
+from tokenbench.commands.speed import parse_cell
+from tokenbench.commands.visualize import DROPPED, describe, patch_owners, render
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +33,16 @@ def test_profile_prints_the_papers_schedule_and_gmacs(capsys):
 
 
 def test_profile_adaptive_method_on_an_image_folder(checkpoint, image_folder, capsys):
-    assert run("profile", "--checkpoint", checkpoint, "--method", "ats", "--keep", "1",
+    assert run("profile", "--checkpoint", checkpoint, "--method", "ats", "--sample-rate", "1",
                "--images", image_folder) == 0
     out = capsys.readouterr().out
-    assert "ats keep=1 on vit_digits" in out and f"3 images from {image_folder}" in out
+    assert "ats sample_rate=1 on vit_digits" in out and f"3 images from {image_folder}" in out
     assert "GMACs per image:" in out
 
 
 def test_profile_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert run("profile", "--checkpoint", checkpoint, "--method", "tome", "--keep", "0.5") == 2
-    assert "--keep is not a knob of tome" in capsys.readouterr().err
+    assert "tome has no knob 'keep' (its knobs: r, inflect)" in capsys.readouterr().err
     assert run("profile", "--checkpoint", checkpoint, "--method", "ats", "--images", tmp_path / "nothing") == 2
     assert "not a folder" in capsys.readouterr().err
 
@@ -78,11 +78,11 @@ def test_speed_cells_parse_with_the_methods_own_knobs():
 
 
 def test_speed_table_under_bf16_autocast(capsys, monkeypatch):
-    from bench.commands import speed
+    from tokenbench import measure
 
     dtypes = []
-    real = speed.autocast
-    monkeypatch.setattr(speed, "autocast", lambda device, dtype: dtypes.append(dtype) or real(device, dtype))
+    real = measure.autocast
+    monkeypatch.setattr(measure, "autocast", lambda device, dtype: dtypes.append(dtype) or real(device, dtype))
     assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--batch-size", "4", "--rounds", "2",
                "--warmup", "0", "--dtype", "bf16") == 0
     out = capsys.readouterr().out

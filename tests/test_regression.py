@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from bench import regression as reg
-from bench.cli import main
-from bench.registry import _REGISTRY, all_methods
-from bench.tokens import TokenReducedViT, default_reduction_blocks
-from methods.random_drop import RandomDrop
-from methods.topk import ClassAttentionReducer, TopK
+from tokenbench import regression as reg
+from tokenbench.cli import main
+from tokenbench.registry import _REGISTRY, all_methods
+from tokenbench.tokens import TokenReducedViT, default_reduction_blocks
+from tokenbench.methods.random_drop import RandomDrop
+from tokenbench.methods.topk import ClassAttentionReducer, TopK
 
 WASTED_MATMULS = 100  # per reduction block: in all about twice the MACs of the dense forward
 
@@ -17,10 +17,10 @@ WASTED_MATMULS = 100  # per reduction block: in all about twice the MACs of the 
 class WastefulTopKReducer(ClassAttentionReducer):
     """Top-k with a deliberate slowdown: matmuls whose results are thrown away (and not on the ledger)."""
 
-    def forward(self, x, state, info):
+    def decide(self, x, state, info):
         for _ in range(WASTED_MATMULS):
             x.mT @ x
-        return super().forward(x, state, info)
+        return super().decide(x, state, info)
 
 
 class SlowedTopK(TopK):
@@ -225,3 +225,15 @@ def test_dvt_is_snapshotted_with_its_shipped_cascade_on_real_digits():
     assert gmacs == sorted(gmacs) and gmacs[0] < gmacs[-1] / 4
     assert "ships no weights" in snapshot["deit_small_patch16_224"]["dvt"]["cost=1"]["error"]
     assert snapshot == reg.take_snapshot({"dvt": all_methods()["dvt"]}, {"vit_digits": 4, "deit_small_patch16_224": 1})
+
+
+def test_the_snapshot_is_found_from_the_working_directory_not_the_package(tmp_path, monkeypatch):
+    """An installed tokenbench reads and writes the snapshot of the project it is run in, never site-packages."""
+    project = tmp_path / "project"
+    (project / "results" / "regression").mkdir(parents=True)
+    (project / "src" / "deep").mkdir(parents=True)
+    assert reg.regression_folder(project / "src" / "deep") == project / "results" / "regression"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert reg.regression_folder() == elsewhere / "results" / "regression"

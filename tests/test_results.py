@@ -3,24 +3,34 @@
 import json
 import subprocess
 
-from bench.results import append_result, cell_id, cpu_name, git_state, read_results
+import dataclasses
+
+from tokenbench.results import ResultRow, append_result, cell_id, cpu_name, git_state, read_results
+
+
+def row(cell: str, **fields) -> ResultRow:
+    """A row with every required field filled with a placeholder."""
+    required = [f.name for f in dataclasses.fields(ResultRow) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    return ResultRow.from_dict({**{name: 0 for name in required}, "cell_id": cell, **fields})
 
 
 def test_append_and_read_back(tmp_path):
     path = tmp_path / "results.jsonl"
-    append_result(path, {"a": 1})
-    append_result(path, {"a": 2})
-    assert read_results(path) == [{"a": 1}, {"a": 2}]
+    append_result(path, row("a", top1=0.5))
+    append_result(path, row("b", future_field=[1, 2]))
+    assert read_results(path) == [row("a", top1=0.5), row("b", future_field=[1, 2])]
+    assert read_results(path)[1].extra == {"future_field": [1, 2]}  # unknown fields survive a round trip
 
 
 def test_a_torn_last_line_is_ignored_then_cut_before_the_next_append(tmp_path):
     path = tmp_path / "results.jsonl"
-    append_result(path, {"a": 1})
+    append_result(path, row("a"))
     with open(path, "a") as f:
-        f.write('{"a": 2, "half')  # what a crash mid-write could leave
-    assert read_results(path) == [{"a": 1}]
-    append_result(path, {"a": 3})
-    assert read_results(path) == [{"a": 1}, {"a": 3}]
+        f.write('{"cell_id": "b", "half')  # what a crash mid-write could leave
+    assert read_results(path) == [row("a")]
+    append_result(path, row("c"))
+    assert [r.cell_id for r in read_results(path)] == ["a", "c"]
     assert path.read_text().count("\n") == 2 and "half" not in path.read_text()
 
 
@@ -51,6 +61,7 @@ def test_git_state_is_dirty_for_code_changes_not_for_committed_results(tmp_path)
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
     (tmp_path / "results").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "tokenbench"\n')
     (tmp_path / "bench.py").write_text("x = 1\n")
     (tmp_path / "results" / "rows.jsonl").write_text("{}\n")
     git("init", "-q")
@@ -61,3 +72,14 @@ def test_git_state_is_dirty_for_code_changes_not_for_committed_results(tmp_path)
     assert state(tmp_path)["git_dirty"] is False
     (tmp_path / "bench.py").write_text("x = 2\n")
     assert state(tmp_path)["git_dirty"] is True
+
+
+def test_git_state_records_no_commit_for_a_copy_inside_another_repository(tmp_path):
+    """A virtual environment inside another project: that project's commit is not tokenbench's."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "pyproject.toml").write_text('[project]\nname = "tokenbench"\n')
+    assert git_state.__wrapped__(site) == {"git_sha": None, "git_dirty": None}
+    assert git_state.__wrapped__(tmp_path) == {"git_sha": None, "git_dirty": None}

@@ -9,15 +9,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from bench import data
-from bench.cli import main
-from bench.ledger import flop_counter_gmacs, measure_gmacs
-from bench.models import load_model, save_checkpoint
-from bench.registry import BenchError, get_method
-from bench.results import read_results
-from bench.tokens import TokenReducedViT, TokenState, run_attention
-from bench.video import sinusoid_table
-from bench.video_data import VideoProtocol, VideoTransform, frame_indices, moving_digits_split
+from tokenbench import data, datasets
+from tokenbench.cli import main
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.models import load_model, save_checkpoint
+from tokenbench.errors import BenchError
+from tokenbench.registry import get_method
+from tokenbench.results import read_results
+from tokenbench.tokens import Need, TokenReducedViT, TokenState, run_attention
+from tokenbench.video import sinusoid_table
+from tokenbench.video_data import VideoProtocol, VideoTransform, frame_indices, moving_digits_split
 from conftest import shared_data
 
 
@@ -48,7 +49,7 @@ def test_wrong_clip_shape_is_a_clear_error(video_vit):
 
 
 @pytest.mark.parametrize("method,knobs", [("none", {}), ("topk", {"keep": 0.5}), ("evit", {"keep": 0.5}),
-                                          ("ats", {"keep": 0.5}), ("tome", {"r": 8})])
+                                          ("ats", {"sample_rate": 0.5}), ("tome", {"r": 8})])
 def test_ledger_equals_flop_counter_on_video(video_vit, clips, method, knobs):
     model = get_method(method).build(video_vit, **knobs)
     x = clips[:1]
@@ -73,14 +74,14 @@ def attention_weights(attn, x):
 def test_substitute_is_the_mean_attention_each_token_receives(video_vit):
     attn = video_vit.blocks[0].attn
     x = torch.randn(2, 10, 96)
-    needs = frozenset({"cls_attn"})
-    out, info = run_attention(attn, x, None, needs, state=TokenState(prefix=0, class_token=False))
+    needs = Need.CLS_ATTN
+    out, info, _ = run_attention(attn, x, None, needs, state=TokenState(prefix=0, class_token=False))
     weights = attention_weights(attn, x)
     torch.testing.assert_close(info.cls_attn, weights.mean(dim=2))
     torch.testing.assert_close(info.cls_attn.sum(-1), torch.ones(2, 3))
     torch.testing.assert_close(out, attn(x))
     # With a class token the row of token 0 is used, as before.
-    _, info = run_attention(attn, x, None, needs, state=TokenState(prefix=1))
+    _, info, _ = run_attention(attn, x, None, needs, state=TokenState(prefix=1))
     torch.testing.assert_close(info.cls_attn, weights[:, :, 0])
 
 
@@ -90,7 +91,7 @@ def test_substitute_ignores_padding_queries(video_vit):
     mask = torch.tensor([[True, True, True, True, False, False]])
     bias = torch.zeros(1, 6).masked_fill(~mask, float("-inf"))[:, None, None, :]
     state = TokenState(prefix=0, class_token=False, mask=mask)
-    _, info = run_attention(attn, x, bias, frozenset({"cls_attn"}), state=state)
+    _, info, _ = run_attention(attn, x, bias, Need.CLS_ATTN, state=state)
     real = attention_weights(attn, x[:, :4]).mean(dim=2)
     torch.testing.assert_close(info.cls_attn[..., :4], real)
     assert info.cls_attn[..., 4:].abs().max() == 0
@@ -253,7 +254,7 @@ def test_moving_digits_are_deterministic_moving_digits():
 
 
 def test_moving_digits_train_split_draws_a_new_seeded_path_at_every_read():
-    first, again = (data.build_dataset("moving-digits", "train", lambda v: v).dataset for _ in range(2))
+    first, again = (datasets.build_dataset("moving-digits", "train", lambda v: v).dataset for _ in range(2))
     reads = [first[0][0] for _ in range(3)]
     assert not torch.equal(reads[0], reads[1]) and not torch.equal(reads[1], reads[2])
     replay = [again[0][0] for _ in range(3)]
@@ -262,18 +263,18 @@ def test_moving_digits_train_split_draws_a_new_seeded_path_at_every_read():
 
 
 def test_video_dataset_through_model_transform(video_vit):
-    ds = data.build_dataset("moving-digits", "test", data.eval_transform(video_vit))
+    ds = datasets.build_dataset("moving-digits", "test", datasets.eval_transform(video_vit))
     x, y = ds.dataset[0]
     assert (x.shape, ds.views, ds.num_classes) == ((3, 8, 32, 32), 1, 10)
     assert x.min() == -1 and y == int(moving_digits_split("test")[1][0])
     with pytest.raises(BenchError, match="samples 16 frames, but the model takes 8"):
-        data.eval_transform(video_vit, "videomae")
+        datasets.eval_transform(video_vit, "videomae")
     with pytest.raises(BenchError, match="video models only"):
-        data.eval_transform(timm.create_model("vit_digits"), "videomae")
+        datasets.eval_transform(timm.create_model("vit_digits"), "videomae")
 
 
 def test_multi_view_evaluation_averages_views(video_vit):
-    from bench.measure import evaluate
+    from tokenbench.measure import evaluate
 
     torch.manual_seed(0)
     videos, labels = torch.randn(3, 2, 3, 8, 32, 32), torch.tensor([0, 1, 2])
@@ -312,13 +313,13 @@ def test_kinetics_csv_counts_missing_and_undecodable_and_labels_by_the_map(tmp_p
     root = kinetics_root(tmp_path)
     names = (root / "kinetics400_label_map.txt").read_text().splitlines()
     model = timm.create_model("videomae_small_patch16_224", depth=1, embed_dim=32, num_heads=1)
-    ds = data.build_dataset("kinetics400", "val", data.eval_transform(model, "16x4x2x3"), str(root))
+    ds = datasets.build_dataset("kinetics400", "val", datasets.eval_transform(model, "16x4x2x3"), str(root))
     assert (len(ds.dataset), ds.missing, ds.unreadable, ds.views) == (2, 1, 1, 6)
     assert ds.dataset.labels == [names.index("arm wrestling"), names.index("flipping pancake")]
     (root / "val.txt").write_text(f"{root}/val/arm wrestling/demo0000000_000000_000010.mp4 6\n"
                                   "val/flipping pancake/pancake0000_000003_000013.mkv flipping pancake\n")
     (root / "validate.csv").unlink()
-    listed = data.build_dataset("kinetics400", "val", data.eval_transform(model), str(root))
+    listed = datasets.build_dataset("kinetics400", "val", datasets.eval_transform(model), str(root))
     assert listed.dataset.labels == ds.dataset.labels and listed.views == 15
 
 
@@ -329,7 +330,7 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path, monkeypatch, capsy
     streamed (as a set too big for memory is), the clips are decoded again by worker processes."""
     pytest.importorskip("av")
     if streamed:
-        monkeypatch.setattr("bench.cache.FLOAT_MEMORY_BYTES", 0)
+        monkeypatch.setattr("tokenbench.cache.FLOAT_MEMORY_BYTES", 0)
     root = kinetics_root(tmp_path)
     torch.manual_seed(0)
     kwargs = dict(depth=4, embed_dim=32, num_heads=1)
@@ -343,11 +344,11 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path, monkeypatch, capsy
     assert ("streamed, decoded at every configuration" in capsys.readouterr().out) == streamed
     dense, topk = read_results(out / "results.jsonl")
     for row in (dense, topk):
-        assert (row["n_images"], row["n_missing"], row["n_unreadable"], row["views"]) == (2, 1, 1, 6)
-        assert (row["protocol"], row["throughput_unit"]) == ("16x4x2x3", "clips/s")
-        assert row["gmacs"] == pytest.approx(6 * row["gmacs_per_view"])
-    assert dense["tokens_per_block"] == [1568] * 4 and topk["tokens_per_block"] == [1568, 1568, 784, 392]
-    assert dense["cls_substitute"] is None and topk["cls_substitute"] == "mean attention received"
+        assert (row.n_images, row.n_missing, row.n_unreadable, row.views) == (2, 1, 1, 6)
+        assert (row.protocol, row.throughput_unit) == ("16x4x2x3", "clips/s")
+        assert row.gmacs == pytest.approx(6 * row.gmacs_per_view)
+    assert dense.tokens_per_block == [1568] * 4 and topk.tokens_per_block == [1568, 1568, 784, 392]
+    assert dense.cls_substitute is None and topk.cls_substitute == "mean attention received"
 
 
 def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkeypatch, capsys):
@@ -355,10 +356,10 @@ def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkey
         assert main(["bench", "--method", "none,evit", "--keep", "0.5", "--dataset", "moving-digits",
                      "--no-timing", "--workers", "1", "--out", str(out)]) == 0
         streamed = "streamed, decoded at every configuration" in capsys.readouterr().out
-        return streamed, [(r["top1"], r["gmacs"], r["n_images"]) for r in read_results(out / "results.jsonl")]
+        return streamed, [(r.top1, r.gmacs, r.n_images) for r in read_results(out / "results.jsonl")]
 
     in_memory, kept = sweep(tmp_path / "kept")
-    monkeypatch.setattr("bench.cache.FLOAT_MEMORY_BYTES", 0)
+    monkeypatch.setattr("tokenbench.cache.FLOAT_MEMORY_BYTES", 0)
     streamed, rows = sweep(tmp_path / "streamed")
     assert (in_memory, streamed) == (False, True) and rows == kept
 
@@ -372,13 +373,13 @@ def test_video_leaderboard_counts_clips_and_videos(tmp_path):
 
 
 def test_embedded_video_weights_reach_their_recorded_val_accuracy():
-    from bench.commands.bench import batches, preload
-    from bench.measure import evaluate
+    from tokenbench.harness import batches, preload
+    from tokenbench.measure import evaluate
 
     loaded = load_model("vit_video_digits")
     assert loaded.weights.startswith("embedded:vit_video_digits.pt@sha256:")
     assert loaded.meta["command"].startswith("tokenbench train") and "--dataset moving-digits" in loaded.meta["command"]
-    val = data.build_dataset("moving-digits", "val", data.eval_transform(loaded.model))
+    val = datasets.build_dataset("moving-digits", "val", datasets.eval_transform(loaded.model))
     videos, labels = preload(val.dataset)
     result = evaluate(loaded.model, batches(videos, labels, 64), torch.device("cpu"))
     assert result.top1 == pytest.approx(loaded.meta["val_top1"], abs=1 / len(labels))

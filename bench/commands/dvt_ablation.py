@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tabulate import tabulate
-
-from bench import data, models
-from bench.commands.bench import preload
-from bench.registry import BenchError
+from tokenbench.errors import BenchError
 
 ASSET_GLOB = "dvt_digits*.pt"
 
 
 def add_parser(sub):
     p = sub.add_parser("dvt-ablation", help="DVT with and without feature / relationship reuse: per-exit top-1, GMACs")
-    p.add_argument("checkpoints", nargs="*", help=f"DVT checkpoints (default: bench/assets/{ASSET_GLOB})")
+    p.add_argument("checkpoints", nargs="*", help=f"DVT checkpoints (default: the shipped {ASSET_GLOB})")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="test", choices=data.SPLITS)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return p
 
@@ -34,24 +29,31 @@ def reuse_label(cascade) -> str:
     return " + ".join(names) or "none"
 
 
-@torch.inference_mode()
 def exit_accuracy(cascade, images, labels, batch_size=256) -> list[float]:
+    import torch
+
     hits = None
-    for i in range(0, len(labels), batch_size):
-        outs = cascade.forward_exits(images[i:i + batch_size])
-        batch = [(o.argmax(-1) == labels[i:i + batch_size]).sum().item() for o in outs]
-        hits = batch if hits is None else [a + b for a, b in zip(hits, batch)]
+    with torch.inference_mode():
+        for i in range(0, len(labels), batch_size):
+            outs = cascade.forward_exits(images[i:i + batch_size])
+            batch = [(o.argmax(-1) == labels[i:i + batch_size]).sum().item() for o in outs]
+            hits = batch if hits is None else [a + b for a, b in zip(hits, batch)]
     return [h / len(labels) for h in hits]
 
 
 def run(args):
-    from methods.dvt import DVTCascade
+    import torch
+    from tabulate import tabulate
+
+    from tokenbench import datasets, models
+    from tokenbench.methods.dvt.architecture import DVTCascade
+    from tokenbench.harness import preload
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [Path(p) for p in args.checkpoints] or sorted((models.ASSETS).glob(ASSET_GLOB))
+    paths = [Path(p) for p in args.checkpoints] or models.shipped(ASSET_GLOB)
     if not paths:
-        raise BenchError(f"no DVT checkpoints given and none in {models.ASSETS}/{ASSET_GLOB}")
+        raise BenchError(f"no DVT checkpoints given and none shipped matching {ASSET_GLOB}")
     rows, split = [], None
     for path in paths:
         loaded = models.load_model(checkpoint=path)
@@ -59,7 +61,7 @@ def run(args):
         if not isinstance(cascade, DVTCascade):
             raise BenchError(f"{path} holds {loaded.name}, not a DVT cascade")
         if split is None:
-            ds = data.build_dataset(args.dataset, args.split, data.eval_transform(cascade), args.data_root)
+            ds = datasets.build_dataset(args.dataset, args.split, datasets.eval_transform(cascade), args.data_root)
             split = preload(ds.dataset)
         images, labels = split
         accs = exit_accuracy(cascade, images, labels)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from bench.leaderboard import write_leaderboard
-from bench.registry import BenchError
-
 
 def add_parser(sub):
     p = sub.add_parser("leaderboard", help="regenerate leaderboard.md and plots from a results folder")
@@ -14,9 +11,7 @@ def add_parser(sub):
 
 
 def run(args):
-    try:
-        path = write_leaderboard(args.results, args.out)
-    except FileNotFoundError as err:
-        raise BenchError(str(err)) from None
-    print(f"wrote {path}")
+    from tokenbench.leaderboard import write_leaderboard
+
+    print(f"wrote {write_leaderboard(args.results, args.out)}")
     return 0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from tabulate import tabulate
-
-from bench.registry import all_methods
+from tokenbench.registry import all_methods, format_value
 
 
 def add_parser(sub):
@@ -12,12 +10,15 @@ def add_parser(sub):
 
 
 def describe(cls) -> list:
-    knobs = "; ".join(f"{k.name} = {', '.join(f'{v:g}' for v in k.sweep)} (no-op {k.noop:g})" for k in cls.knobs)
+    knobs = "; ".join(f"{k.name} = {', '.join(format_value(v) for v in k.sweep)} (no-op {format_value(k.noop)})"
+                      for k in cls.knobs)
     return [cls.name, cls.family, knobs or "-", "yes" if cls.needs_training else "no", cls.summary,
             cls.__module__]
 
 
 def run(args):
+    from tabulate import tabulate
+
     rows = [describe(cls) for cls in all_methods().values()]
     print(tabulate(rows, headers=["method", "family", "knobs (default sweep)", "needs training", "what", "module"]))
     return 0

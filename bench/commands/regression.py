@@ -7,14 +7,9 @@ loudly), 1 when a snapshot value changed or a method got slower, 2 on a usage er
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-from tabulate import tabulate
-
-from bench import regression as reg
-from bench.registry import BenchError, all_methods
+from tokenbench.errors import BenchError
 
 
 def add_parser(sub):
@@ -23,18 +18,25 @@ def add_parser(sub):
                    help="rewrite the snapshot and this device's speed baseline instead of checking them")
     p.add_argument("--methods", default=None, metavar="A,B", help="only these methods (default: every registered one)")
     p.add_argument("--part", default="all", choices=["all", "exact", "speed"], help="which part to run")
-    p.add_argument("--tolerance", type=float, default=reg.TOLERANCE,
-                   help=f"speed: fail below (1 - T) x the baseline speedup (default {reg.TOLERANCE})")
-    p.add_argument("--pairs", type=int, default=reg.SpeedSetup.pairs,
+    p.add_argument("--tolerance", type=float, default=0.2,
+                   help="speed: fail below (1 - T) x the baseline speedup (default %(default)s)")
+    p.add_argument("--pairs", type=int, default=15,
                    help="speed: interleaved timing pairs per method (default %(default)s)")
-    p.add_argument("--snapshot", type=Path, default=reg.SNAPSHOT_FILE,
-                   help="snapshot JSON (default: results/regression/snapshot.json)")
-    p.add_argument("--baseline", type=Path, default=reg.BASELINE_FILE,
-                   help="speed baseline JSON (default: results/regression/speed-baseline.json)")
+    p.add_argument("--snapshot", type=Path, default=None,
+                   help="snapshot JSON (default: results/regression/snapshot.json in the working directory "
+                        "or the nearest parent folder that has results/regression)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="speed baseline JSON (default: speed-baseline.json beside the default snapshot)")
     return p
 
 
 def exact_part(methods, path: Path, update: bool) -> bool:
+    import torch
+    from tabulate import tabulate
+
+    from tokenbench import regression as reg
+    from tokenbench.registry import all_methods
+
     started = time.perf_counter()
     actual = reg.take_snapshot(methods)
     elapsed = time.perf_counter() - started
@@ -67,7 +69,12 @@ def exact_part(methods, path: Path, update: bool) -> bool:
     return True
 
 
-def speed_part(methods, path: Path, update: bool, setup: reg.SpeedSetup, tolerance: float) -> bool:
+def speed_part(methods, path: Path, update: bool, setup, tolerance: float) -> bool:
+    from tabulate import tabulate
+
+    from tokenbench import regression as reg
+    from tokenbench.registry import all_methods
+
     key = reg.baseline_key(setup)
     stored = reg.read_json(path)
     entries = stored.get("entries", {})
@@ -123,6 +130,12 @@ def speed_part(methods, path: Path, update: bool, setup: reg.SpeedSetup, toleran
 
 
 def run(args):
+    from dataclasses import replace
+
+    import torch
+
+    from tokenbench import regression as reg
+
     if not 0 < args.tolerance < 1:
         raise BenchError("--tolerance must be between 0 and 1")
     if args.pairs < 1:
@@ -134,9 +147,10 @@ def run(args):
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or inter-op work already ran
         pass
+    folder = reg.regression_folder()
     ok = True
     if args.part in ("all", "exact"):
-        ok &= exact_part(methods, args.snapshot, args.update)
+        ok &= exact_part(methods, args.snapshot or folder / reg.SNAPSHOT_NAME, args.update)
     if args.part in ("all", "speed"):
-        ok &= speed_part(methods, args.baseline, args.update, setup, args.tolerance)
+        ok &= speed_part(methods, args.baseline or folder / reg.BASELINE_NAME, args.update, setup, args.tolerance)
     return 0 if ok else 1

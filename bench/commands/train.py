@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-from torch.utils.data import DataLoader
-from torchvision import transforms
-
-from bench import data, models
-from bench.registry import BenchError, get_method, knob_by_name
-from bench.train import TrainConfig, accuracy, train
+from tokenbench.commands.options import add_knob_options, given_knobs
+from tokenbench.errors import BenchError
+from tokenbench.registry import format_value, get_method
 
 REUSE = {"both": (True, True), "feature": (True, False), "relation": (False, True), "none": (False, False)}
 
@@ -26,46 +22,59 @@ def add_parser(sub):
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="checkpoint file to write")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu")
-    for knob in knob_by_name().values():
-        p.add_argument(f"--{knob.name}", default=None, type=knob.parse, metavar="V",
-                       help=f"with --method: knob '{knob.name}' while training (default: the middle of its sweep)")
+    add_knob_options(p, many=False, default_help="with --method, while training; default: the method's own")
     return p
 
 
 def augmenting(eval_tf, flip: bool = False):
     """Light geometric augmentation in front of the model's eval transform (mirroring for natural images)."""
+    from torchvision import transforms
+
     steps = [transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     return transforms.Compose(steps + [transforms.RandomHorizontalFlip()] * flip + [eval_tf])
 
 
 def method_knobs(method, args) -> dict:
-    """The knobs `method.training_loss` takes: as given, else its own default, else the middle of the sweep."""
+    """The knobs `method.training_loss` takes: as given (checked by this method's knobs), else its own
+    default, else the middle of the sweep."""
+    given = given_knobs(args)
+    own = {k.name for k in method.knobs}
+    if set(given) - own:
+        raise BenchError(f"{method.name} has no knob {sorted(set(given) - own)[0]!r} "
+                         f"(its knobs: {', '.join(sorted(own)) or 'none'})")
     params = inspect.signature(method.training_loss).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     knobs = {}
     for k in method.knobs:
         if k.name not in params and not takes_all:
             continue
-        given, default = getattr(args, k.name), params[k.name].default if k.name in params else inspect.Parameter.empty
-        knobs[k.name] = given if given is not None else (
+        default = params[k.name].default if k.name in params else inspect.Parameter.empty
+        knobs[k.name] = k.parse(given[k.name], method.name) if k.name in given else (
             default if default is not inspect.Parameter.empty else sorted(k.sweep)[len(k.sweep) // 2])
     return knobs
 
 
 def run(args):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tokenbench import datasets, models, training
+
+    if given_knobs(args) and not args.method:
+        raise BenchError(f"{next(iter(given_knobs(args)))!r} is a method knob: pass --method too")
     if args.epochs < 1:
         raise BenchError("--epochs must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    probe = data.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
+    probe = datasets.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
     if args.init:
         loaded = models.load_model(checkpoint=args.init)
         model, name = loaded.model, loaded.name
@@ -79,20 +88,20 @@ def run(args):
     method = get_method(args.method) if args.method else None
     knobs = method_knobs(method, args) if method else {}
     trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
-    eval_tf = data.eval_transform(model)
-    train_set = data.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=probe.mirror_invariant), args.data_root).dataset
-    val_loader = DataLoader(data.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
-    test_loader = DataLoader(data.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    eval_tf = datasets.eval_transform(model)
+    train_set = datasets.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=probe.mirror_invariant), args.data_root).dataset
+    val_loader = DataLoader(datasets.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
+    test_loader = DataLoader(datasets.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
+    cfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_epochs=args.warmup_epochs)
     loss_fn = None if loss is None else (lambda m, x, y: loss(m, x, y, cfg.label_smoothing))
-    history = train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device)
-    test_top1 = accuracy(trainee, test_loader, args.device)
+    history = training.train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device)
+    test_top1 = training.accuracy(trainee, test_loader, args.device)
     start = ["--init", args.init] if args.init else ["--model", name]
     with_method = ["--method", args.method] if args.method else []
     if args.method == "dvt" and not args.init:
         with_method += ["--reuse", args.reuse]
-    command = " ".join(["tokenbench train", *start, *with_method, *(f"--{k} {v:g}" for k, v in knobs.items()),
+    command = " ".join(["tokenbench train", *start, *with_method, *(f"{k.flag} {format_value(knobs[k.name])}" for k in (method.knobs if method else ()) if k.name in knobs),
                         f"--dataset {args.dataset}", *(["--data-root", args.data_root] if args.data_root else []),
                         f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
                         f"--warmup-epochs {args.warmup_epochs:g} --seed {args.seed}",

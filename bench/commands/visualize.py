@@ -11,58 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-from bench import data
-from bench.commands.profile import add_model_and_method_args, build_from_args
-from bench.registry import BenchError
-from bench.tokens import TokenReducedViT
+from tokenbench.commands.options import add_knob_options, add_model_options, one_setting
+from tokenbench.errors import BenchError
 
 DROPPED = -1
 
 
 def add_parser(sub):
     p = sub.add_parser("visualize", help="draw the patches a method kept, dropped or merged at each stage")
-    add_model_and_method_args(p)
+    add_model_options(p)
+    p.add_argument("--method", required=True, help="one registered method (see `tokenbench methods`)")
+    add_knob_options(p, many=False, default_help="default: the first value of the method's sweep")
     p.add_argument("--image", required=True, help="an image file")
     p.add_argument("--out", required=True, help="PNG file to write")
     return p
 
 
-def traced_stages(model: TokenReducedViT, image: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """[(block index, source [tokens, patches])] after every block whose reducer changed the tokens."""
-    entering, stages = {}, []
-
-    def before(index):
-        def hook(module, args):
-            entering[index] = args[1].source
-        return hook
-
-    def after(index):
-        def hook(module, args, output):
-            if args[1].source is not entering[index]:
-                stages.append((index, args[1].source[0]))
-        return hook
-
-    handles = [h for i, blk in enumerate(model.blocks)
-               for h in (blk.register_forward_pre_hook(before(i)), blk.register_forward_hook(after(i)))]
-    model.trace = True
-    try:
-        with torch.inference_mode():
-            model(image[None])
-    finally:
-        model.trace = False
-        for handle in handles:
-            handle.remove()
-    return stages
-
-
-def patch_owners(source: torch.Tensor) -> np.ndarray:
-    """For each input patch, the token that holds it, or DROPPED."""
-    held = source > 0
-    owners = held.to(torch.int64).argmax(dim=0)
-    return torch.where(held.any(dim=0), owners, DROPPED).numpy()
+def patch_owners(source) -> np.ndarray:
+    """For each input patch ([tokens, patches] source map), the token that holds it, or DROPPED."""
+    held = source.numpy() > 0
+    return np.where(held.any(axis=0), held.argmax(axis=0), DROPPED)
 
 
 def render(picture: np.ndarray, owners: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -99,16 +68,25 @@ def run(args):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
     from timm.data import resolve_data_config
 
-    loaded, method, knobs, model = build_from_args(args)
+    from tokenbench import api, data, datasets, models
+    from tokenbench.registry import knob_label
+    from tokenbench.tokens import TokenReducedViT
+
+    knobs = one_setting(args.method, args)
+    loaded = models.load_model(args.model, args.checkpoint, args.pretrained)
+    torch.manual_seed(0)
+    model = api.apply(loaded.model, args.method, **knobs)
     if not isinstance(model, TokenReducedViT) or model.vit.patch_embed.proj.weight.ndim != 4:
         raise BenchError("visualize draws block-level methods on image ViTs")
     path = Path(args.image)
     if not path.is_file() or not data.is_image(path.name):
         raise BenchError(f"--image {args.image}: not an image file")
     try:
-        image = data.eval_transform(loaded.model)(Image.open(path).convert("RGB"))
+        image = datasets.eval_transform(loaded.model)(Image.open(path).convert("RGB"))
     except OSError as err:
         raise BenchError(f"--image {args.image}: cannot read it ({err})") from None
     config = resolve_data_config({}, model=loaded.model)
@@ -118,8 +96,8 @@ def run(args):
     picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
     grid = tuple(model.vit.patch_embed.grid_size)
 
-    stages = traced_stages(model, image)
-    label = " ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
+    stages = [(block, source[0]) for block, source in model.trace(image[None])]
+    label = knob_label(knobs)
     panels = [("input", f"{grid[0] * grid[1]} patches", picture)]
     for block, source in stages:
         owners = patch_owners(source)
@@ -127,7 +105,7 @@ def run(args):
                        render(picture, owners, grid)))
         print(f"block {block:2d}: {source.shape[0]} tokens; patches {panels[-1][1]}")
     if not stages:
-        print(f"{method.name} {label} changed no tokens on this image")
+        print(f"{args.method} {label} changed no tokens on this image")
 
     cols = min(len(panels), 5)
     rows = -(-len(panels) // cols)
@@ -137,7 +115,7 @@ def run(args):
     for ax, (title, subtitle, panel) in zip(axes.flat, panels):
         ax.imshow(panel, interpolation="nearest")
         ax.set_title(f"{title}\n{subtitle}", fontsize=8)
-    fig.suptitle(f"{method.name} {label} on {loaded.name}: washed out = dropped, flat outlined = merged",
+    fig.suptitle(f"{args.method} {label} on {loaded.name}: washed out = dropped, flat outlined = merged",
                  fontsize=9)
     fig.tight_layout()
     out = Path(args.out)

@@ -23,10 +23,10 @@ from pathlib import Path
 import timm
 import torch
 
-from bench import cache, data, models
-from bench.cli import main
-from bench.registry import get_method
-from bench.results import cpu_name, read_results
+from tokenbench import cache, datasets, models
+from tokenbench.cli import main
+from tokenbench.registry import get_method
+from tokenbench.results import cpu_name, read_results
 
 METHODS = ("none", "topk", "random", "evit", "tome", "ats")
 
@@ -85,8 +85,8 @@ def main_(argv=None):
     seconds = {"empty_store": sweep_seconds("empty_store")}  # the first sweep decodes the JPEGs once
     rows = read_results(out / "empty_store" / "results.jsonl")
     loaded = models.load_model(checkpoint=checkpoint)
-    transform = data.eval_transform(loaded.model)
-    store = cache.load_images(data.build_dataset("imagenet", "test", transform, args.data_root), transform,
+    transform = datasets.eval_transform(loaded.model)
+    store = cache.load_images(datasets.build_dataset("imagenet", "test", transform, args.data_root), transform,
                               out / "cache")
     model_only, configurations = model_only_seconds(checkpoint, store, args.batch_size)
     assert configurations == len(rows)

@@ -9,9 +9,9 @@ machine, so the comparison is informational; the gate is `tokenbench regression`
 import pytest
 import torch
 
-from bench import regression as reg
-from bench.ledger import measure_gmacs
-from bench.registry import all_methods
+from tokenbench import regression as reg
+from tokenbench.ledger import measure_gmacs
+from tokenbench.registry import all_methods
 
 SETUP = reg.SpeedSetup()
 

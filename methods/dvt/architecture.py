@@ -1,4 +1,4 @@
-"""DVT: a cascade of ViTs on growing token grids that stops at the first confident exit.
+"""DVT's cascade: ViTs of one width on growing token grids, each reusing the previous stage's work.
 
 Each stage is a timm ViT of the same width with its own weights and classifier, on a finer token grid
 than the last (DeiT-S at 224: 7x7, 10x10, 14x14 tokens; the 10x10 grid needs a padded k=23 stride-23
@@ -6,12 +6,8 @@ patch conv). Downstream stages reuse the previous stage's work: *feature reuse* 
 tokens (before the final norm) into a narrow context embedding, one LayerNorm-MLP per downstream block,
 upsampled to the new grid and concatenated into that block's MLP input (the class token gets zeros);
 *relationship reuse* mixes the pre-softmax attention logits of all upstream layers with 1x1 convs,
-upsamples them and adds one chunk to each downstream layer's logits. Training sums cross-entropy over
-all exits. At inference an image leaves at the first exit whose max softmax reaches that exit's
-threshold (the last exit always answers); only images still running go on. Thresholds maximise
-accuracy under a GMACs budget on a held-out split.
-Wang et al., "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image
-Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Transformer).
+upsamples them and adds one chunk to each downstream layer's logits. The cascade registers its
+architectures with timm (`dvt_digits`, `dvt_deit_small`) and records its own cost on the ledger.
 """
 
 from __future__ import annotations
@@ -29,11 +25,11 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.data import DIGITS_PREPROCESSING
-from bench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs, linear_macs_per_token,
-                          norm_macs_per_token)
-from bench.registry import BenchError, Knob, Method, register_method
-from bench.tokens import run_attention
+from tokenbench.data import DIGITS_PREPROCESSING
+from tokenbench.errors import BenchError
+from tokenbench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs, linear_macs_per_token,
+                               norm_macs_per_token)
+from tokenbench.tokens import Need, run_attention
 
 
 class PaddedPatchEmbed(PatchEmbed):
@@ -137,12 +133,12 @@ class Stage(nn.Module):
         n = x.shape[1]
         features = self._features(context) if self.feature_embed is not None and context is not None else None
         relations = self._relations(context) if self.relation is not None and context is not None else None
-        needs = frozenset({"logits"}) if self.export_logits else frozenset()
+        needs = Need.LOGITS if self.export_logits else Need.NOTHING
         logits = []
         ledger = active_ledger()
         for i, blk in enumerate(vit.blocks):
             bias = None if relations is None else relations[i]
-            attn_out, info = run_attention(blk.attn, blk.norm1(x), bias, needs)
+            attn_out, info, _ = run_attention(blk.attn, blk.norm1(x), bias, needs)
             x = x + blk.drop_path1(blk.ls1(attn_out))
             h = x if features is None else torch.cat([x, features[i]], dim=-1)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
@@ -222,135 +218,6 @@ class DVTCascade(nn.Module):
                 _, context = stage(image[:1], context)
                 costs.append(ledger.gmacs.item())
         return np.array(costs)
-
-
-class EarlyExitDVT(nn.Module):
-    """A cascade with fixed exit thresholds: what the harness measures."""
-
-    def __init__(self, cascade: DVTCascade, thresholds):
-        super().__init__()
-        self.cascade = cascade
-        self.thresholds = [float(t) for t in thresholds]
-
-    def forward(self, images):
-        return self.cascade(images, self.thresholds)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Thresholds under a budget
-
-
-def exit_choice(confidence: np.ndarray, thresholds) -> np.ndarray:
-    """[n] index of the exit each image leaves at, from [K, n] max-softmax confidences."""
-    K = confidence.shape[0]
-    leaves = np.vstack([confidence[:-1] >= np.asarray(thresholds)[:, None], np.ones((1, confidence.shape[1]), bool)])
-    return leaves.argmax(0) if K > 1 else np.zeros(confidence.shape[1], int)
-
-
-def proportion_thresholds(confidence: np.ndarray, q: float) -> np.ndarray:
-    """The paper's family: exit proportions pi_k ~ q^k; each threshold lets floor(n pi_k) running images leave."""
-    K, n = confidence.shape
-    share = q ** np.arange(1, K + 1, dtype=float)
-    share /= share.sum()
-    running = np.ones(n, bool)
-    thresholds = []
-    for k in range(K - 1):
-        count = int(np.floor(n * share[k]))
-        conf = np.sort(confidence[k, running])[::-1]
-        t = conf[count - 1] if count > 0 else np.inf
-        thresholds.append(t)
-        running &= confidence[k] < t
-    return np.array(thresholds)
-
-
-def search_thresholds(confidence: np.ndarray, correct: np.ndarray, exit_costs: np.ndarray, budget: float,
-                      seed: int = 0) -> np.ndarray:
-    """Thresholds maximising accuracy with mean cost <= `budget` on the held-out images.
-
-    Starts from the best feasible point of the paper's one-parameter family (pi_k ~ q^k), then
-    refines all thresholds at once with scipy's differential evolution (the paper used a genetic
-    search); among equal accuracies, lower cost wins.
-    """
-    from scipy.optimize import differential_evolution
-
-    K, n = confidence.shape
-    if budget < exit_costs[0] - 1e-12:
-        raise BenchError(f"budget {budget:.4g} GMACs is below the first exit's cost ({exit_costs[0]:.4g} GMACs)")
-    cols = np.arange(n)
-
-    def score(t):
-        k = exit_choice(confidence, t)
-        return correct[k, cols].mean(), exit_costs[k].mean()
-
-    def objective(t):
-        acc, cost = score(t)
-        return -acc + 1e-3 * cost / exit_costs[-1] + 10.0 * max(0.0, cost - budget) / exit_costs[-1]
-
-    candidates = [np.zeros(K - 1)]  # everyone leaves at exit 1: feasible, since budget >= its cost
-    candidates += [np.clip(proportion_thresholds(confidence, q), 0, 1) for q in np.geomspace(0.05, 20, 40)]
-    feasible = [t for t in candidates if score(t)[1] <= budget + 1e-12]
-    start = min(feasible, key=objective)
-    result = differential_evolution(objective, [(0.0, 1.0)] * (K - 1), x0=start, seed=seed, maxiter=60,
-                                    popsize=20, tol=0, polish=False)
-    best = result.x if score(result.x)[1] <= budget + 1e-12 and result.fun <= objective(start) else start
-    return np.asarray(best, dtype=float)
-
-
-@torch.inference_mode()
-def exit_outputs(cascade: DVTCascade, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
-    """[K, n] max-softmax confidence and correctness of every exit on held-out images."""
-    conf, correct = [], []
-    cascade.eval()
-    for i in range(0, len(labels), batch_size):
-        probs = torch.stack(cascade.forward_exits(images[i:i + batch_size])).float().softmax(-1)
-        top, pred = probs.max(-1)
-        conf.append(top)
-        correct.append(pred == labels[i:i + batch_size])
-    return torch.cat(conf, 1).numpy(), torch.cat(correct, 1).numpy()
-
-
-@register_method
-class DVT(Method):
-    name = "dvt"
-    family = "early-exit"
-    needs_training = True
-    needs_calibration = True
-    knobs = (Knob("cost", (0.15, 0.2, 0.25, 0.3, 0.4, 1.0), noop=1.0, low=0.0, high=1.0,
-                  help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
-                       "running every exit (1 = no early exit)"),)
-    summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
-
-    def build(self, model, cost=1.0, calibration=None):
-        if not isinstance(model, DVTCascade):
-            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
-        if cost >= 1.0:
-            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1))
-        if calibration is None:
-            raise BenchError("dvt needs a held-out split to choose its exit thresholds")
-        images, labels = calibration
-        costs = model.exit_gmacs(images[:1])
-        confidence, correct = exit_outputs(model, images, labels)
-        thresholds = search_thresholds(confidence, correct, costs, cost * costs[-1])
-        return EarlyExitDVT(model, thresholds)
-
-    def checkpoint_for(self, model_name, dataset):
-        from bench.models import ASSETS
-
-        path = ASSETS / "dvt_digits.pt"
-        return path if dataset == "digits" and model_name in ("vit_digits", "dvt_digits") and path.exists() else None
-
-    def training_loss(self, model):
-        """The paper's loss: cross-entropy summed over all exits."""
-        if not isinstance(model, DVTCascade):
-            raise BenchError("dvt trains a cascade: pass --model dvt_digits (or dvt_deit_small)")
-
-        def loss(m, images, labels, label_smoothing=0.0):
-            return sum(F.cross_entropy(out, labels, label_smoothing=label_smoothing) for out in m.forward_exits(images))
-        return model, loss
-
-
-# ----------------------------------------------------------------------------------------------------
-# Architectures
 
 
 def build_cascade(grids: list[dict], feature_reuse: bool, relation_reuse: bool, reuse_hidden: int, reuse_dim: int,

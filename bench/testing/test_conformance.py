@@ -1,5 +1,7 @@
-"""Every registered method, automatically: no-op equals dense, shapes, token counts, seeded determinism.
+"""Every registered method, automatically: valid knobs, no-op equals dense, shapes, token counts, seeded
+determinism, batch invariance, the backbone left untouched.
 
+Run on whatever is installed: `pytest --pyargs tokenbench.testing` (`-k NAME` for one method).
 Model-level methods (family early-exit, e.g. a cascade) are built on their own architectures, and methods
 with learned parts (DynamicViT's predictors) on a backbone trained with them; both carry their own
 equivalent checks. Every other method must accept any timm ViT.
@@ -8,8 +10,8 @@ equivalent checks. Every other method must accept any timm ViT.
 import pytest
 import torch
 
-from bench.ledger import measure_gmacs
-from bench.registry import all_methods, get_method
+from tokenbench.ledger import measure_gmacs
+from tokenbench.registry import all_methods, get_method
 
 BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
 
@@ -19,9 +21,12 @@ def logits(model, x):
         return model(x)
 
 
-def test_registry_lists_the_issue_two_methods():
-    assert {"none", "topk", "random"} <= set(all_methods())
-    assert all_methods()["topk"].family == "prune"
+@pytest.mark.parametrize("name", list(all_methods()))
+def test_knobs_are_valid(name):
+    cls = all_methods()[name]
+    assert cls.check_knobs(cls.noop_knobs()) == cls.noop_knobs()
+    for point in cls.sweep_points():
+        assert cls.check_knobs(point) == point
 
 
 @pytest.mark.parametrize("name", BLOCK_LEVEL)
@@ -60,6 +65,18 @@ def test_same_seed_same_output(name, tiny_vit, digit_images):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("name", [n for n in BLOCK_LEVEL if all_methods()[n].batch_invariant])
+def test_an_image_s_result_does_not_depend_on_its_batch(name, tiny_vit, digit_images):
+    method = get_method(name)
+    vit, images = tiny_vit.double(), digit_images.double()
+    for knobs in method.sweep_points():
+        torch.manual_seed(0)
+        model = method.build(vit, **knobs)
+        together = logits(model, images)
+        alone = torch.cat([logits(model, images[i:i + 1]) for i in range(len(images))])
+        torch.testing.assert_close(alone, together, rtol=0, atol=1e-10, msg=f"{name} {knobs}")
+
+
 def test_random_differs_from_topk_and_across_seeds(tiny_vit, digit_images):
     torch.manual_seed(0)
     a = logits(get_method("random").build(tiny_vit, keep=0.5), digit_images)
@@ -69,9 +86,12 @@ def test_random_differs_from_topk_and_across_seeds(tiny_vit, digit_images):
     assert not torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_wrapping_leaves_the_model_untouched(tiny_vit, digit_images):
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_wrapping_leaves_the_model_untouched(name, tiny_vit, digit_images):
+    method = get_method(name)
     before = logits(tiny_vit, digit_images)
-    reduced = get_method("topk").build(tiny_vit, keep=0.5)
-    logits(reduced, digit_images)
+    state = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+    torch.manual_seed(0)
+    logits(method.build(tiny_vit, **method.sweep_points()[-1]), digit_images)
     assert torch.equal(logits(tiny_vit, digit_images), before)
-    assert reduced.vit is tiny_vit  # weights are shared, not copied
+    assert all(torch.equal(v, state[k]) for k, v in tiny_vit.state_dict().items())

@@ -1,0 +1,91 @@
+"""The Python API: apply a method to your own model, count its GMACs, evaluate it, sweep methods.
+
+The command line is a thin layer over these functions (`tokenbench bench` is `sweep`), and both check
+knob values with the same code and messages.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from tokenbench import datasets, measure, models
+from tokenbench.errors import BenchError
+from tokenbench.ledger import measure_gmacs
+from tokenbench.registry import all_methods, get_method, knob_label
+from tokenbench.harness import batches, check_options, preload, sweep, timing_batch, timing_fields
+
+__all__ = ["apply", "evaluate", "gmacs", "load_model", "method_table", "sweep"]
+
+
+def load_model(name: str | None = None, checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm model by name (with the embedded weights for tokenbench's own models), in eval mode.
+
+    `checkpoint`: a local weights file (read with weights_only=True; a tokenbench checkpoint names its
+    model); `pretrained`: timm's pretrained weights (needs the hub or its cache). As `--model`,
+    `--checkpoint` and `--pretrained` of the command line.
+    """
+    return models.load_model(name, checkpoint, pretrained).model
+
+
+def apply(model: nn.Module, method: str, **knobs) -> nn.Module:
+    """`model` (a timm ViT) with `method` applied at `knobs`; knobs not given take their no-op value.
+
+    The result shares the model's weights and leaves it untouched. Knob names and values are checked as
+    on the command line: `apply(vit, "topk", keep=1.5)` raises BenchError("topk: keep=1.5 is outside (0, 1]").
+    """
+    chosen = get_method(method)
+    if chosen.needs_calibration:
+        raise BenchError(f"{method} chooses its settings on held-out images; measure it with tokenbench.sweep")
+    return chosen.build(model, **chosen.check_knobs(knobs)).eval()
+
+
+def _ledger_ready(model: nn.Module) -> nn.Module:
+    """A model whose blocks record their cost: `model` itself, or a plain timm ViT wrapped as the dense method."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return get_method("none").build(model) if isinstance(model, VisionTransformer) else model
+
+
+def gmacs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """GMACs per image ([B], float64) of the computation `model` actually runs on `images`.
+
+    `model` is what `apply` returned, or a plain timm ViT (counted dense). One multiply-add is one MAC.
+    """
+    ledger = measure_gmacs(_ledger_ready(model).eval(), images)
+    return ledger.gmacs
+
+
+def evaluate(model: nn.Module, dataset: str = "digits", *, split: str = "test", data_root: str | None = None,
+             protocol: str | None = None, device: str = "cpu", dtype: str = "fp32", batch_size: int | None = None,
+             timing: bool = False, repeats: int = 7) -> pd.DataFrame:
+    """Top-1/top-5 and per-image GMACs of one ready model (from `apply`) on a dataset: a one-row DataFrame.
+
+    The images go through the model's own eval preprocessing. With `timing`, throughput at the batch size
+    and batch-1 latency are measured too, as the sweep does. For sweeps and resumable results, use `sweep`.
+    """
+    chosen, batch_size = check_options(device, dtype, split, batch_size, repeats, None)
+    model = _ledger_ready(model).to(chosen).eval()
+    backbone = getattr(model, "vit", model)
+    transform = datasets.eval_transform(backbone, protocol)
+    ds = datasets.build_dataset(dataset, split, transform, data_root)
+    images, labels = preload(ds.dataset)
+    row = {"dataset": dataset, "split": split, "n_unreadable": ds.unreadable,
+           **measure.evaluate(model, batches(images, labels, batch_size), chosen, dtype, ds.views).summary(),
+           "params": measure.parameter_count(model)}
+    if timing:
+        flat = images.flatten(0, 1) if ds.views > 1 else images
+        row.update(timing_fields(model, timing_batch(flat, batch_size).to(chosen), dtype, repeats))
+    return pd.DataFrame([row])
+
+
+def method_table() -> pd.DataFrame:
+    """Every registered method (plugins included): family, knobs with default sweep and no-op, training, module."""
+    rows = []
+    for name, cls in all_methods().items():
+        rows.append({"method": name, "family": cls.family,
+                     "knobs": {k.name: {"sweep": k.sweep, "noop": k.noop} for k in cls.knobs},
+                     "default sweep": "; ".join(knob_label(p) for p in cls.sweep_points()),
+                     "needs_training": cls.needs_training, "summary": cls.summary, "module": cls.__module__})
+    return pd.DataFrame(rows).set_index("method")

@@ -1,0 +1,197 @@
+"""The harness: the sweep of every method over its knob values on one model and dataset, one results row per configuration.
+
+`tokenbench bench` is this function with its options from the command line; `tokenbench.sweep` is the same
+function for Python users. Rows are appended to `OUT/results.jsonl` as they are measured (a rerun with the
+same `out` skips the configurations already recorded) and returned as a pandas DataFrame.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from tokenbench import budget as budgets
+from tokenbench import cache, datasets, distributed, measure, models, results
+from tokenbench.data import SPLITS
+from tokenbench.errors import BenchError
+from tokenbench.registry import Method, get_method, knob_label, knob_overrides, resolve_methods
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def preload(dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and preprocess every image of a torch dataset once, as (images, labels) tensors."""
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=0):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise BenchError("the dataset has no images")
+    return torch.cat(images), torch.cat(labels)
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    """(images, labels) in consecutive batches of `batch_size`."""
+    for i in range(0, len(labels), batch_size):
+        yield images[i:i + batch_size], labels[i:i + batch_size]
+
+
+def timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first `batch_size` real images (cycled if the dataset is smaller)."""
+    reps = -(-batch_size // len(images))
+    return images.repeat(reps, *[1] * (images.ndim - 1))[:batch_size] if reps > 1 else images[:batch_size]
+
+
+def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict:
+    """Throughput at the batch, batch-1 latency and peak memory, as row fields."""
+    cuda = images.device.type == "cuda"
+    tp = measure.throughput(model, images, dtype, repeats=repeats, warmup_s=2.0 if cuda else 0.5,
+                            min_repeat_s=0.2 if cuda else 0.1)
+    lat = measure.latency(model, images, dtype, repeats=repeats, warmup_s=1.0 if cuda else 0.3, min_repeat_s=0.05)
+    return dict(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
+                timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
+                peak_memory_mb=measure.peak_memory_mb(model, images, images.device, dtype))
+
+
+def check_options(device: str, dtype: str, split: str, batch_size: int | None, repeats: int,
+                  threads: int | None) -> tuple[torch.device, int]:
+    """(device, batch size), or a BenchError naming the bad option, before any work."""
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if split not in SPLITS:
+        raise BenchError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device cuda, but no CUDA device is available")
+    batch_size = (256 if chosen.type == "cuda" else 32) if batch_size is None else batch_size
+    if batch_size < 1 or repeats < 1:
+        raise BenchError("the batch size and the timed repeats must be at least 1")
+    if threads is not None and threads < 1:
+        raise BenchError(f"threads {threads}: must be at least 1")
+    return chosen, batch_size
+
+
+def plan_cells(methods: dict[str, Method], backbone, model_name: str, dataset: str, checkpoint, overrides: dict,
+               budget: float | None, calibration, dense: float | None, log) -> list[tuple]:
+    """(method name, method, loaded model, knobs) per configuration: the sweep, or the budget-matched points."""
+    plan = []
+    for name, method in methods.items():
+        loaded = backbone
+        if method.needs_training:
+            path = checkpoint if len(methods) == 1 and checkpoint else method.checkpoint_for(model_name, dataset)
+            if path is None:
+                log(f"{name}: skipped, it needs weights trained with it "
+                    f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
+                continue
+            loaded = models.load_model(checkpoint=path)
+        points = (budgets.matched_points(method, loaded.model, budget, calibration, dense, log=log)
+                  if budget is not None else method.sweep_points(overrides))
+        plan += [(name, method, loaded, method.check_knobs(knobs)) for knobs in points]
+    return plan
+
+
+def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpoint: str | None = None,
+          pretrained: bool = False, dataset: str = "digits", data_root: str | None = None, split: str = "test",
+          protocol: str | None = None, out: str | Path | None = None, device: str = "cpu", dtype: str = "fp32",
+          batch_size: int | None = None, threads: int | None = None, repeats: int = 7, seed: int = 0,
+          timing: bool = True, budget: float | None = None, knobs: dict | None = None, strict: bool = False,
+          cache_dir: str | None = None, workers: int | None = None, shard: str | None = None,
+          log: Callable = print) -> pd.DataFrame:
+    """Measure each method over its knob values (or at a matched `budget`) and return one row per configuration.
+
+    `methods`: 'all', 'a,b' or a list of names. `knobs`: sweep values that replace a method's defaults,
+    {name: 'v,v' or a list}. `out`: a folder to append the rows to (`OUT/results.jsonl`; resumable), or None.
+    `timing=False` records accuracy and GMACs only. The other arguments are the `tokenbench bench` options.
+    """
+    names = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))
+    overrides = knob_overrides(names, knobs or {})
+    chosen_device, batch_size = check_options(device, dtype, split, batch_size, repeats, threads)
+    method_objects = {name: get_method(name) for name in names}
+    if threads:
+        torch.set_num_threads(threads)
+    model = model or ("vit_video_digits" if dataset == "moving-digits" else "vit_digits")
+    shard_spec = distributed.parse_shard(shard)
+    world, chosen_device = distributed.init(chosen_device)
+    backbone = models.load_model(model, checkpoint, pretrained)
+    results_path = Path(out) / distributed.results_name(shard_spec) if out is not None else None
+    recorded = {row.cell_id: row for row in results.read_results(results_path)} if results_path else {}
+    transform = datasets.eval_transform(backbone.model, protocol)
+    ds = datasets.build_dataset(dataset, split, transform, data_root)
+    if strict and ds.unreadable:
+        raise BenchError(f"{ds.unreadable} unreadable images in {dataset}/{split} (drop --strict to skip)")
+    for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
+        if (turn == "first") == world.is_main:
+            store = cache.load_images(ds, transform, cache_dir, strict, workers)
+        distributed.barrier(world)
+    images, _ = store.batch(0, min(len(store), batch_size))
+    timing_images = timing_batch(images.flatten(0, 1) if ds.views > 1 else images, batch_size).to(chosen_device)
+    video = getattr(transform, "protocol", None)  # video rows record their views, per-view GMACs and clips/s
+    calibration = None
+    if budget is not None or any(m.needs_calibration for m in method_objects.values()):
+        if split == "val":
+            raise BenchError("--budget and methods that calibrate on the val split (dvt) must be measured on "
+                             "another split")
+        calibration = preload(datasets.build_dataset(dataset, "val", datasets.eval_transform(backbone.model),
+                                                     data_root).dataset)
+    env = results.provenance(chosen_device, seed)
+    dense = budgets.dense_gmacs(backbone.model, calibration[0]) if budget is not None else None
+    plan = plan_cells(method_objects, backbone, model, dataset, checkpoint, overrides, budget, calibration, dense, log)
+    plan = distributed.shard_of(plan, shard_spec, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
+    log = log if world.is_main else (lambda *a, **k: None)
+
+    cached = ("streamed, decoded at every configuration" if isinstance(store, cache.StreamedStore)
+              else "from the image cache" if store.cached else "decoded now")
+    log(f"{len(plan)} configurations of {len(method_objects)} methods on {backbone.name} ({backbone.weights}), "
+        f"{dataset}/{split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
+        f"{env['device_name']}, {dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
+        f"{f', {world.size} processes' if world.size > 1 else ''}"
+        + (f" -> {results_path}" if results_path else ""))
+    started = time.perf_counter()
+    rows = []
+    for i, (name, method, loaded, point) in enumerate(plan, 1):
+        cell = {"method": name, "knobs": point, "model": loaded.name, "weights": loaded.weights,
+                "dataset": dataset, "split": split, "device": chosen_device.type,
+                "device_name": env["device_name"], "dtype": dtype, "batch_size": batch_size,
+                "threads": torch.get_num_threads() if chosen_device.type == "cpu" else None, "seed": seed,
+                **({"protocol": str(video)} if video else {}),
+                **({"budget": budget} if budget is not None else {})}
+        cid = results.cell_id(cell)
+        if cid in recorded and (recorded[cid].timed or not timing):
+            log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: already recorded, skipped")
+            rows.append(recorded[cid])
+            continue
+        torch.manual_seed(seed)
+        extra = {"calibration": calibration} if method.needs_calibration else {}
+        built = method.build(loaded.model, **point, **extra).to(chosen_device).eval()
+        start, stop = distributed.contiguous_slice(len(store), world)
+        local = (measure.evaluate(built, store.batches(batch_size, start, stop), chosen_device, dtype, ds.views)
+                 if stop > start else None)
+        evaluation = distributed.gather(local, world)
+        if not world.is_main:
+            continue
+        fields = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
+                  "n_unreadable": store.unreadable, "n_missing": ds.missing,
+                  "params": measure.parameter_count(built), "trained_with": loaded.meta.get("trained_with"),
+                  **evaluation.summary(), "provenance": env}
+        if budget is not None:
+            fields.update(budget_achieved=fields["gmacs"] / dense)
+        if video:
+            fields.update(views=ds.views, gmacs_per_view=fields["gmacs"] / ds.views, throughput_unit="clips/s",
+                          cls_substitute=getattr(built, "cls_substitute", None))
+        if timing:
+            fields.update(timing_fields(built, timing_images, dtype, repeats))
+        row = results.ResultRow.from_dict(fields)
+        if results_path is not None:
+            results.append_result(results_path, row)
+        rows.append(row)
+        unit = "clips/s" if video else "img/s"
+        speed = f", {row.throughput:.0f} {unit}, {row.latency_ms:.2f} ms at batch 1" if timing else ""
+        log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: top-1 {100 * row.top1:.2f}%, "
+            f"{row.gmacs:.4g} GMACs{speed}")
+    log(f"done in {time.perf_counter() - started:.1f} s" + (f"; {results_path}" if results_path else ""))
+    return results.rows_frame(rows)

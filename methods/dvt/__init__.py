@@ -1,0 +1,88 @@
+"""DVT: a cascade of ViTs on growing token grids that stops at the first confident exit.
+
+`architecture.py` builds the cascade, `thresholds.py` chooses the exits' thresholds; this file is the
+method. Each stage is a timm ViT of the same width with its own weights and classifier, on a finer token grid
+than the last (DeiT-S at 224: 7x7, 10x10, 14x14 tokens; the 10x10 grid needs a padded k=23 stride-23
+patch conv). Downstream stages reuse the previous stage's work: *feature reuse* turns its final patch
+tokens (before the final norm) into a narrow context embedding, one LayerNorm-MLP per downstream block,
+upsampled to the new grid and concatenated into that block's MLP input (the class token gets zeros);
+*relationship reuse* mixes the pre-softmax attention logits of all upstream layers with 1x1 convs,
+upsamples them and adds one chunk to each downstream layer's logits. Training sums cross-entropy over
+all exits. At inference an image leaves at the first exit whose max softmax reaches that exit's
+threshold (the last exit always answers); only images still running go on. Thresholds maximise
+accuracy under a GMACs budget on a held-out split.
+Wang et al., "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image
+Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Transformer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenbench.errors import BenchError
+from tokenbench.registry import Knob, Method, register_method
+
+from .thresholds import exit_outputs, search_thresholds
+
+if TYPE_CHECKING:
+    from .architecture import DVTCascade
+
+
+class EarlyExitDVT(nn.Module):
+    """A cascade with fixed exit thresholds: what the harness measures."""
+
+    def __init__(self, cascade: DVTCascade, thresholds):
+        super().__init__()
+        self.cascade = cascade
+        self.thresholds = [float(t) for t in thresholds]
+
+    def forward(self, images):
+        return self.cascade(images, self.thresholds)
+
+
+@register_method
+class DVT(Method):
+    name = "dvt"
+    family = "early-exit"
+    needs_training = True
+    needs_calibration = True
+    knobs = (Knob("cost", (0.15, 0.2, 0.25, 0.3, 0.4, 1.0), noop=1.0, low=0.0, high=1.0,
+                  help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
+                       "running every exit (1 = no early exit)"),)
+    summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
+
+    def build(self, model, cost=1.0, calibration=None):
+        from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
+
+        if not isinstance(model, DVTCascade):
+            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+        if cost >= 1.0:
+            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1))
+        if calibration is None:
+            raise BenchError("dvt needs a held-out split to choose its exit thresholds")
+        images, labels = calibration
+        costs = model.exit_gmacs(images[:1])
+        confidence, correct = exit_outputs(model, images, labels)
+        thresholds = search_thresholds(confidence, correct, costs, cost * costs[-1])
+        return EarlyExitDVT(model, thresholds)
+
+    def checkpoint_for(self, model_name, dataset):
+        from tokenbench.models import asset
+
+        path = asset("dvt_digits.pt")
+        return path if dataset == "digits" and model_name in ("vit_digits", "dvt_digits") and path.exists() else None
+
+    def training_loss(self, model):
+        """The paper's loss: cross-entropy summed over all exits."""
+        from .architecture import DVTCascade
+
+        if not isinstance(model, DVTCascade):
+            raise BenchError("dvt trains a cascade: pass --model dvt_digits (or dvt_deit_small)")
+
+        def loss(m, images, labels, label_smoothing=0.0):
+            return sum(F.cross_entropy(out, labels, label_smoothing=label_smoothing) for out in m.forward_exits(images))
+        return model, loss
