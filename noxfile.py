@@ -15,7 +15,7 @@ nox.options.sessions = ["tests"]
 
 PYTHON = "3.11"
 TORCH = ["torch==2.13.0", "torchvision==0.28.0"]
-TIMM_FLOOR = "timm==1.0.16"  # the oldest timm tokenbench runs on (pyproject.toml's floor): tests_oldest checks it
+TIMM_FLOOR = "timm==1.0.21"  # the oldest timm tokenbench runs on (pyproject.toml's floor): tests_oldest checks it
 TESTS = ["tests", "--pyargs", "tokenbench.testing"]  # the suite, and the conformance suite as installed
 
 

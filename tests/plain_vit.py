@@ -21,6 +21,16 @@ def one_thread():
 
 
 @functools.cache
+def without_weights(create):
+    """`create()` on the meta device (shapes only, no slow initialisation), or on the CPU with a timm too
+    old to build there (nox -s tests_oldest)."""
+    try:
+        with torch.device("meta"):
+            return create()
+    except (RuntimeError, TypeError):
+        return create()
+
+
 def small_vit(name: str, **kwargs):
     """A seeded float64 timm ViT of architecture `name`, narrowed (dim 96, 3 heads) at 64x64 (17 tokens).
 

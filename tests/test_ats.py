@@ -13,11 +13,15 @@ from tokenbench.registry import get_method
 
 
 def peaky_vit(name="deit_small_patch16_224", **kwargs):
-    """A narrow test ViT with sharper attention, so that images keep visibly different numbers of tokens."""
+    """A narrow test ViT with sharper attention, so that images keep visibly different numbers of tokens
+    (LayerScale gammas at 1: some timm versions initialise them near 0, leaving every block a no-op)."""
     vit = copy.deepcopy(small_vit(name, **kwargs))
     with torch.no_grad():
         for blk in vit.blocks:
             blk.attn.qkv.weight.mul_(6)
+            for scale in (blk.ls1, blk.ls2):
+                if hasattr(scale, "gamma"):
+                    scale.gamma.fill_(1.0)
     return vit
 
 

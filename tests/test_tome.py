@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from plain_vit import deit_small, one_thread, plain_logits, small_vit  # noqa: F401  (one_thread: autouse)
+from plain_vit import deit_small, one_thread, plain_logits, small_vit, without_weights  # noqa: F401  (one_thread: autouse)
 
 from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
 from tokenbench.registry import get_method
@@ -56,7 +56,7 @@ def test_gmacs_match_the_paper(name, r, gmacs):
     if name == "deit_small_patch16_224":
         vit = deit_small()
     else:  # token counts do not depend on the weights: skip timm's slow initialisation
-        vit = timm.create_model(name, device="meta").to_empty(device="cpu").eval()
+        vit = without_weights(lambda: timm.create_model(name)).to_empty(device="cpu").eval()
         for param in vit.parameters():
             param.data.normal_(std=0.02)
     ledger = measure_gmacs(get_method("tome").build(vit, r=r), torch.randn(1, 3, 224, 224))
