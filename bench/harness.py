@@ -21,9 +21,6 @@ from tokenbench.data import SPLITS
 from tokenbench.errors import BenchError
 from tokenbench.registry import Method, get_method, knob_label, knob_overrides, resolve_methods
 
-DTYPES = ("fp32", "bf16", "fp16")
-
-
 def preload(dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode and preprocess every image of a torch dataset once, as (images, labels) tensors."""
     images, labels = [], []
@@ -61,8 +58,8 @@ def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict
 def check_options(device: str, dtype: str, split: str, batch_size: int | None, repeats: int,
                   threads: int | None) -> tuple[torch.device, int]:
     """(device, batch size), or a BenchError naming the bad option, before any work."""
-    if dtype not in DTYPES:
-        raise BenchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype not in measure.DTYPES:
+        raise BenchError(f"dtype {dtype!r}: use one of {', '.join(measure.DTYPES)}")
     if split not in SPLITS:
         raise BenchError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     chosen = torch.device(device)

@@ -8,6 +8,7 @@ import timm
 import torch
 
 import tokenbench.models  # noqa: F401  (registers vit_digits with timm)
+from tokenbench.testing.conftest import digit_images, tiny_vit  # noqa: F401  (the conformance suite's fixtures)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,16 +54,3 @@ def train_steps(loss_fn, parameters, steps: int, lr: float = 1e-3, seed: int | N
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture
-def tiny_vit():
-    """The embedded architecture with seeded random weights (fast; weights do not matter for shapes)."""
-    torch.manual_seed(0)
-    return timm.create_model("vit_digits").eval()
-
-
-@pytest.fixture
-def digit_images():
-    torch.manual_seed(1)
-    return torch.randn(4, 3, 32, 32)
