@@ -110,3 +110,11 @@ def test_the_command_line_starts_without_timm_or_the_compiler(argv):
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     heavy = done.stderr.strip().splitlines()[-1]
     assert heavy == "HEAVY []", done.stderr
+
+
+def test_the_light_help_text_names_every_dataset():
+    """`bench --help` lists the datasets without importing them; the list must not drift from the registry."""
+    from tokenbench import datasets
+    from tokenbench.commands import bench
+
+    assert sorted(bench.DATASETS.split(", ")) == datasets.dataset_names()
