@@ -8,14 +8,22 @@ process of a data-parallel run) reads the same store instead of decoding JPEGs a
 
 Transforms of another shape (video views) are kept as floats when they fit in those 2 GiB; a bigger set
 (Kinetics-400 val is terabytes of views) is streamed: decoded again, by worker processes, at every pass.
+
+A store carries the SHA-256 of its files, checked each time it is opened (about 1 s per GB): a damaged
+store is reported and rebuilt, never read. Its space is reserved before decoding (a full disk is one line,
+not a SIGBUS), the temporary folders of killed runs are removed at the next start, and decoding workers
+die with the process that started them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +37,7 @@ from torchvision import transforms
 from tokenbench.data import DatasetInfo, Unreadable
 from tokenbench.errors import BenchError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksummed
 FLOAT_MEMORY_BYTES = 2 << 30  # a sweep's normalised images up to this size are made once, not per configuration
 
 
@@ -95,25 +103,131 @@ class ImageStore:
             yield self.batch(i, min(i + batch_size, stop))
 
 
+class Readable(Dataset):
+    """`dataset`'s items, None for one that cannot be decoded (a video that broke after its readability check)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except Unreadable:
+            return None
+
+
+def collate_readable(items) -> tuple:
+    """(images, labels, how many items were unreadable); images and labels None when none was readable."""
+    kept = [item for item in items if item is not None]
+    images, labels = default_collate(kept) if kept else (None, None)
+    return images, labels, len(items) - len(kept)
+
+
+def readable_batches(dataset, batch_size: int, workers: int, strict: bool, unreadable: list):
+    """Batches of the readable items of `dataset`; the unreadable ones are added to `unreadable[0]` (or, under
+    strict, fail the run)."""
+    loader = DataLoader(Readable(dataset), batch_size=batch_size, num_workers=workers, collate_fn=collate_readable,
+                        worker_init_fn=die_with_parent if workers else None)
+    for images, labels, dropped in loader:
+        if dropped and strict:
+            raise BenchError(f"{dropped} unreadable items (drop --strict to count and skip them)")
+        unreadable[0] += dropped
+        if images is not None:
+            yield images, labels
+
+
 @dataclass
 class StreamedStore:
-    """A set too big to keep: every `batches` pass decodes and preprocesses it again in `workers` processes."""
+    """A set too big to keep: every `batches` pass decodes and preprocesses it again in `workers` processes.
+
+    Items that turn out unreadable are skipped and counted once (every pass skips the same ones).
+    """
 
     dataset: Dataset
     unreadable: int
     workers: int
+    strict: bool = False
     cached: bool = False
+    _counted: bool = field(default=False, repr=False)
 
     def __len__(self):
         return len(self.dataset)
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return default_collate([self.dataset[i] for i in range(start, stop)])
+        return next(readable_batches(Subset(self.dataset, range(start, stop)), stop - start, 0, self.strict, [0]))
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None):
         stop = len(self) if stop is None else stop
-        yield from DataLoader(Subset(self.dataset, range(start, stop)), batch_size=batch_size,
-                              num_workers=self.workers)
+        dropped = [0]
+        yield from readable_batches(Subset(self.dataset, range(start, stop)), batch_size, self.workers, self.strict,
+                                    dropped)
+        if not self._counted:
+            self.unreadable += dropped[0]
+            self._counted = True
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """A DataLoader worker's init: on Linux, the kernel kills it when the process that started it dies
+    (a SIGKILLed sweep leaves no worker behind)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above ran
+            os._exit(1)
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocate `size` bytes of `path` on disk now, so that a full disk is an error here, not a SIGBUS later."""
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise BenchError(f"the image store needs {size / 2**20:.0f} MB and {path.parent} has {free / 2**20:.0f} MB "
+                         "free: free some space or pass --cache-dir")
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as err:
+        raise BenchError(f"cannot reserve {size / 2**20:.0f} MB for the image store in {path.parent}: "
+                         f"{err.strerror or err}; free some space or pass --cache-dir") from None
+
+
+def checksums(store: Path) -> dict[str, str]:
+    """SHA-256 of the store's data files."""
+    out = {}
+    for name in ("images.npy", "labels.npy"):
+        with open(store / name, "rb") as f:
+            out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def damage(store: Path) -> str | None:
+    """Why the store at `store` cannot be trusted, or None when it is whole and its checksums match."""
+    try:
+        meta = json.loads((store / "meta.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or not isinstance(meta.get("n"), int):
+            return "meta.json lacks its fields"
+        if checksums(store) != meta["sha256"]:
+            return "its files do not match their checksums"
+        images = np.load(store / "images.npy", mmap_mode="r")
+        if len(np.load(store / "labels.npy")) != meta["n"] or images.shape[0] < meta["n"]:
+            return "its image and label counts disagree"
+    except (OSError, ValueError) as err:  # a missing file, bad JSON, a bad .npy header
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def remove_stale_temporaries(parent: Path) -> None:
+    """Remove the temporary stores of runs that were killed while decoding (their pid is gone)."""
+    for work in parent.glob(".*-pid*-*"):
+        try:
+            pid = int(work.name.rsplit("-pid", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 class Preprocessing(Dataset):
@@ -141,7 +255,8 @@ def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None, wo
     """Apply `steps` to every image once, in `workers` processes (0: this one), keeping the dataset's order;
     unreadable images are counted (or fail the run under strict)."""
     dataset, kept, unreadable, images = ds.dataset, [], 0, None
-    loader = DataLoader(Preprocessing(dataset, steps), batch_size=None, num_workers=workers, collate_fn=as_is)
+    loader = DataLoader(Preprocessing(dataset, steps), batch_size=None, num_workers=workers, collate_fn=as_is,
+                        worker_init_fn=die_with_parent if workers else None)
     for i, pixels, why in loader:
         if pixels is None:
             if strict:
@@ -151,8 +266,11 @@ def decode(ds: DatasetInfo, steps, strict: bool, out_dir: Path | None = None, wo
         pixels = pixels.transpose(2, 0, 1) if pixels.dtype == np.uint8 else pixels
         if images is None:
             shape = (len(dataset), *pixels.shape)
-            images = (np.lib.format.open_memmap(out_dir / "images.npy", "w+", pixels.dtype, shape)
-                      if out_dir is not None else np.empty(shape, pixels.dtype))
+            if out_dir is None:
+                images = np.empty(shape, pixels.dtype)
+            else:
+                images = np.lib.format.open_memmap(out_dir / "images.npy", "w+", pixels.dtype, shape)
+                reserve(out_dir / "images.npy", (out_dir / "images.npy").stat().st_size)
         if pixels.shape != images.shape[1:]:
             raise BenchError(f"image {i} of {ds.name} preprocesses to {pixels.shape}, not {images.shape[1:]}: "
                              "the transform does not give one size")
@@ -177,29 +295,42 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
     if split is None or not hasattr(ds.dataset, "read"):
         if not len(ds.dataset):
             raise BenchError(f"no images in {ds.name}/{ds.split}")
-        first = ds.dataset[0][0]
+        first = next((item[0] for item in map(Readable(ds.dataset).__getitem__, range(len(ds.dataset)))
+                      if item is not None), None)
+        if first is None:
+            raise BenchError(f"no readable items in {ds.name}/{ds.split}")
         if len(ds.dataset) * first.numel() * first.element_size() > FLOAT_MEMORY_BYTES:
-            return StreamedStore(ds.dataset, ds.unreadable, workers)
-        images, labels = [], []
-        for x, y in DataLoader(ds.dataset, batch_size=256, num_workers=0):
+            return StreamedStore(ds.dataset, ds.unreadable, workers, strict)
+        images, labels, dropped = [], [], [0]
+        for x, y in readable_batches(ds.dataset, 256, 0, strict, dropped):
             images.append(x)
             labels.append(y)
-        return ImageStore(torch.cat(images).numpy(), torch.cat(labels).numpy(), None, None, ds.unreadable, False)
+        if not images:
+            raise BenchError(f"no readable items in {ds.name}/{ds.split}")
+        return ImageStore(torch.cat(images).numpy(), torch.cat(labels).numpy(), None, None,
+                          ds.unreadable + dropped[0], False)
     steps, mean, std = split
     key = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "dataset": ds.name, "split": ds.split,
                                      "identity": dataset_identity(ds.dataset), "steps": repr(steps)},
                                     sort_keys=True).encode()).hexdigest()[:24]
     store = Path(cache_dir or default_cache_dir()) / f"{ds.name}-{ds.split}-{key}"
-    cached = (store / "meta.json").is_file()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(store.parent)
+    cached = store.is_dir()
+    why = damage(store) if cached else None
+    if why is not None:
+        print(f"tokenbench: warning: the image store {store} is damaged ({why}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(store, ignore_errors=True)
+        cached = False
     if not cached:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{store.name}-", dir=store.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{store.name}-pid{os.getpid()}-", dir=store.parent))
         try:
             images, labels, unreadable, n = decode(ds, steps, strict, work, workers)
             images.flush()
             del images
             np.save(work / "labels.npy", labels)
-            meta = {"n": n, "unreadable": unreadable, "dataset": ds.name, "split": ds.split, "steps": repr(steps)}
+            meta = {"n": n, "unreadable": unreadable, "dataset": ds.name, "split": ds.split, "steps": repr(steps),
+                    "sha256": checksums(work)}
             (work / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 work.rename(store)  # atomic: readers see a whole store or none

@@ -208,8 +208,11 @@ def cifar(name: str, classes: tuple[str, ...], tv_class, split: str, transform: 
         if archive.is_file():
             import zipfile
 
-            with zipfile.ZipFile(archive) as z:
-                members = sorted(m for m in z.namelist() if is_image(m))
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    members = sorted(m for m in z.namelist() if is_image(m))
+            except (zipfile.BadZipFile, OSError) as err:
+                raise BenchError(f"{name}: {archive} is not a readable zip file ({err}); download it again") from None
             paths, labels = [], []
             for m in members:
                 parts = m.split("/")

@@ -68,7 +68,8 @@ def merge(parts: list[Evaluation]) -> Evaluation:
     tokens = np.sum([np.asarray(p.tokens_per_block) * p.n_images for p in parts], axis=0) / n
     stats = {k: sum(p.stats[k] * p.n_images for p in parts) / n for k in parts[0].stats}
     return Evaluation(n, correct1 / n, correct5 / n, np.concatenate([p.gmacs for p in parts]),
-                      np.concatenate([p.matmul_gmacs for p in parts]), tokens.tolist(), stats)
+                      np.concatenate([p.matmul_gmacs for p in parts]), tokens.tolist(), stats,
+                      sum(p.nonfinite for p in parts))
 
 
 def gather(evaluation: Evaluation | None, world: World) -> Evaluation | None:

@@ -1,4 +1,4 @@
-"""The harness: the sweep of every method over its knob values on one model and dataset, one results row per configuration.
+"""The harness: every method swept over its knob values on one model and dataset, one results row each.
 
 `tokenbench bench` is this function with its options from the command line; `tokenbench.sweep` is the same
 function for Python users. Rows are appended to `OUT/results.jsonl` as they are measured (a rerun with the
@@ -7,6 +7,9 @@ same `out` skips the configurations already recorded) and returned as a pandas D
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,19 +47,41 @@ def timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(reps, *[1] * (images.ndim - 1))[:batch_size] if reps > 1 else images[:batch_size]
 
 
+NOISY = 0.1  # a timing whose IQR exceeds this fraction of its median is flagged
+
+
 def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict:
-    """Throughput at the batch, batch-1 latency and peak memory, as row fields."""
+    """Throughput at the batch, batch-1 latency and peak memory, as row fields; flagged noisy when either
+    IQR exceeds 10% of its median, with the 1-minute load average before and after."""
     cuda = images.device.type == "cuda"
+    load_before = os.getloadavg()[0]
     tp = measure.throughput(model, images, dtype, repeats=repeats, warmup_s=2.0 if cuda else 0.5,
                             min_repeat_s=0.2 if cuda else 0.1)
     lat = measure.latency(model, images, dtype, repeats=repeats, warmup_s=1.0 if cuda else 0.3, min_repeat_s=0.05)
+    noisy = tp.iqr > NOISY * tp.median or lat.iqr > NOISY * lat.median
     return dict(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
                 timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
-                peak_memory_mb=measure.peak_memory_mb(model, images, images.device, dtype))
+                peak_memory_mb=measure.peak_memory_mb(model, images, images.device, dtype),
+                timing_noisy=noisy, load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+
+
+def writable_folder(out: str | Path) -> Path:
+    """`out` as a folder that exists and takes files, or a BenchError before any work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tokenbench-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise BenchError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    return out
 
 
 def check_options(device: str, dtype: str, split: str, batch_size: int | None, repeats: int,
-                  threads: int | None) -> tuple[torch.device, int]:
+                  threads: int | None, seed: int = 0) -> tuple[torch.device, int]:
     """(device, batch size), or a BenchError naming the bad option, before any work."""
     if dtype not in measure.DTYPES:
         raise BenchError(f"dtype {dtype!r}: use one of {', '.join(measure.DTYPES)}")
@@ -70,6 +95,8 @@ def check_options(device: str, dtype: str, split: str, batch_size: int | None, r
         raise BenchError("the batch size and the timed repeats must be at least 1")
     if threads is not None and threads < 1:
         raise BenchError(f"threads {threads}: must be at least 1")
+    if not 0 <= seed < 2**63:
+        raise BenchError(f"seed {seed}: must be in [0, 2**63)")
     return chosen, batch_size
 
 
@@ -107,7 +134,9 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     """
     names = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))
     overrides = knob_overrides(names, knobs or {})
-    chosen_device, batch_size = check_options(device, dtype, split, batch_size, repeats, threads)
+    chosen_device, batch_size = check_options(device, dtype, split, batch_size, repeats, threads, seed)
+    if out is not None:
+        writable_folder(out)
     method_objects = {name: get_method(name) for name in names}
     if threads:
         torch.set_num_threads(threads)
@@ -116,79 +145,89 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     world, chosen_device = distributed.init(chosen_device)
     backbone = models.load_model(model, checkpoint, pretrained)
     results_path = Path(out) / distributed.results_name(shard_spec) if out is not None else None
-    recorded = {row.cell_id: row for row in results.read_results(results_path)} if results_path else {}
-    transform = datasets.eval_transform(backbone.model, protocol)
-    ds = datasets.build_dataset(dataset, split, transform, data_root)
-    if strict and ds.unreadable:
-        raise BenchError(f"{ds.unreadable} unreadable images in {dataset}/{split} (drop --strict to skip)")
-    for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
-        if (turn == "first") == world.is_main:
-            store = cache.load_images(ds, transform, cache_dir, strict, workers)
-        distributed.barrier(world)
-    images, _ = store.batch(0, min(len(store), batch_size))
-    timing_images = timing_batch(images.flatten(0, 1) if ds.views > 1 else images, batch_size).to(chosen_device)
-    video = getattr(transform, "protocol", None)  # video rows record their views, per-view GMACs and clips/s
-    calibration = None
-    if budget is not None or any(m.needs_calibration for m in method_objects.values()):
-        if split == "val":
-            raise BenchError("--budget and methods that calibrate on the val split (dvt) must be measured on "
-                             "another split")
-        calibration = preload(datasets.build_dataset(dataset, "val", datasets.eval_transform(backbone.model),
-                                                     data_root).dataset)
-    env = results.provenance(chosen_device, seed)
-    dense = budgets.dense_gmacs(backbone.model, calibration[0]) if budget is not None else None
-    plan = plan_cells(method_objects, backbone, model, dataset, checkpoint, overrides, budget, calibration, dense, log)
-    plan = distributed.shard_of(plan, shard_spec, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
-    log = log if world.is_main else (lambda *a, **k: None)
+    with contextlib.ExitStack() as held:  # the results file is ours until the sweep ends
+        if results_path is not None and world.is_main:
+            held.enter_context(results.exclusive(results_path))
+        recorded = {row.cell_id: row for row in results.read_results(results_path)} if results_path else {}
+        transform = datasets.eval_transform(backbone.model, protocol)
+        ds = datasets.build_dataset(dataset, split, transform, data_root)
+        if strict and ds.unreadable:
+            raise BenchError(f"{ds.unreadable} unreadable images in {dataset}/{split} (drop --strict to skip)")
+        for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
+            if (turn == "first") == world.is_main:
+                store = cache.load_images(ds, transform, cache_dir, strict, workers)
+            distributed.barrier(world)
+        images, _ = store.batch(0, min(len(store), batch_size))
+        timing_images = timing_batch(images.flatten(0, 1) if ds.views > 1 else images, batch_size).to(chosen_device)
+        video = getattr(transform, "protocol", None)  # video rows record their views, per-view GMACs and clips/s
+        calibration = None
+        if budget is not None or any(m.needs_calibration for m in method_objects.values()):
+            if split == "val":
+                raise BenchError("--budget and methods that calibrate on the val split (dvt) must be measured on "
+                                 "another split")
+            calibration = preload(datasets.build_dataset(dataset, "val", datasets.eval_transform(backbone.model),
+                                                         data_root).dataset)
+        env = results.provenance(chosen_device, seed)
+        dense = budgets.dense_gmacs(backbone.model, calibration[0]) if budget is not None else None
+        plan = plan_cells(method_objects, backbone, model, dataset, checkpoint, overrides, budget, calibration, dense,
+                          log)
+        plan = distributed.shard_of(plan, shard_spec, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
+        log = log if world.is_main else (lambda *a, **k: None)
 
-    cached = ("streamed, decoded at every configuration" if isinstance(store, cache.StreamedStore)
-              else "from the image cache" if store.cached else "decoded now")
-    log(f"{len(plan)} configurations of {len(method_objects)} methods on {backbone.name} ({backbone.weights}), "
-        f"{dataset}/{split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
-        f"{env['device_name']}, {dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
-        f"{f', {world.size} processes' if world.size > 1 else ''}"
-        + (f" -> {results_path}" if results_path else ""))
-    started = time.perf_counter()
-    rows = []
-    for i, (name, method, loaded, point) in enumerate(plan, 1):
-        cell = {"method": name, "knobs": point, "model": loaded.name, "weights": loaded.weights,
-                "dataset": dataset, "split": split, "device": chosen_device.type,
-                "device_name": env["device_name"], "dtype": dtype, "batch_size": batch_size,
-                "threads": torch.get_num_threads() if chosen_device.type == "cpu" else None, "seed": seed,
-                **({"protocol": str(video)} if video else {}),
-                **({"budget": budget} if budget is not None else {})}
-        cid = results.cell_id(cell)
-        if cid in recorded and (recorded[cid].timed or not timing):
-            log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: already recorded, skipped")
-            rows.append(recorded[cid])
-            continue
-        torch.manual_seed(seed)
-        extra = {"calibration": calibration} if method.needs_calibration else {}
-        built = method.build(loaded.model, **point, **extra).to(chosen_device).eval()
-        start, stop = distributed.contiguous_slice(len(store), world)
-        local = (measure.evaluate(built, store.batches(batch_size, start, stop), chosen_device, dtype, ds.views)
-                 if stop > start else None)
-        evaluation = distributed.gather(local, world)
-        if not world.is_main:
-            continue
-        fields = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
-                  "n_unreadable": store.unreadable, "n_missing": ds.missing,
-                  "params": measure.parameter_count(built), "trained_with": loaded.meta.get("trained_with"),
-                  **evaluation.summary(), "provenance": env}
-        if budget is not None:
-            fields.update(budget_achieved=fields["gmacs"] / dense)
-        if video:
-            fields.update(views=ds.views, gmacs_per_view=fields["gmacs"] / ds.views, throughput_unit="clips/s",
-                          cls_substitute=getattr(built, "cls_substitute", None))
-        if timing:
-            fields.update(timing_fields(built, timing_images, dtype, repeats))
-        row = results.ResultRow.from_dict(fields)
-        if results_path is not None:
-            results.append_result(results_path, row)
-        rows.append(row)
-        unit = "clips/s" if video else "img/s"
-        speed = f", {row.throughput:.0f} {unit}, {row.latency_ms:.2f} ms at batch 1" if timing else ""
-        log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: top-1 {100 * row.top1:.2f}%, "
-            f"{row.gmacs:.4g} GMACs{speed}")
-    log(f"done in {time.perf_counter() - started:.1f} s" + (f"; {results_path}" if results_path else ""))
-    return results.rows_frame(rows)
+        cached = ("streamed, decoded at every configuration" if isinstance(store, cache.StreamedStore)
+                  else "from the image cache" if store.cached else "decoded now")
+        log(f"{len(plan)} configurations of {len(method_objects)} methods on {backbone.name} ({backbone.weights}), "
+            f"{dataset}/{split} ({len(store)} images {cached}, {store.unreadable} unreadable), "
+            f"{env['device_name']}, {dtype}, batch {batch_size}, {torch.get_num_threads()} threads"
+            f"{f', {world.size} processes' if world.size > 1 else ''}"
+            + (f" -> {results_path}" if results_path else ""))
+        started = time.perf_counter()
+        rows = []
+        for i, (name, method, loaded, point) in enumerate(plan, 1):
+            cell = {"method": name, "knobs": point, "model": loaded.name, "weights": loaded.weights,
+                    "dataset": dataset, "split": split, "device": chosen_device.type,
+                    "device_name": env["device_name"], "dtype": dtype, "batch_size": batch_size,
+                    "threads": torch.get_num_threads() if chosen_device.type == "cpu" else None, "seed": seed,
+                    **({"protocol": str(video)} if video else {}),
+                    **({"budget": budget} if budget is not None else {})}
+            cid = results.cell_id(cell)
+            if cid in recorded and (recorded[cid].timed or not timing):
+                log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: already recorded, skipped")
+                rows.append(recorded[cid])
+                continue
+            torch.manual_seed(seed)
+            extra = {"calibration": calibration} if method.needs_calibration else {}
+            built = method.build(loaded.model, **point, **extra).to(chosen_device).eval()
+            start, stop = distributed.contiguous_slice(len(store), world)
+            local = (measure.evaluate(built, store.batches(batch_size, start, stop), chosen_device, dtype, ds.views)
+                     if stop > start else None)
+            evaluation = distributed.gather(local, world)
+            if not world.is_main:
+                continue
+            fields = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
+                      "n_unreadable": store.unreadable, "n_missing": ds.missing,
+                      "params": measure.parameter_count(built), "trained_with": loaded.meta.get("trained_with"),
+                      **evaluation.summary(), "provenance": env}
+            if budget is not None:
+                fields.update(budget_achieved=fields["gmacs"] / dense)
+            if video:
+                fields.update(views=ds.views, gmacs_per_view=fields["gmacs"] / ds.views, throughput_unit="clips/s",
+                              cls_substitute=getattr(built, "cls_substitute", None))
+            if timing:
+                fields.update(timing_fields(built, timing_images, dtype, repeats))
+            fields["nonfinite_weights"] = not all(torch.isfinite(p).all() for p in built.parameters())
+            if fields["nonfinite_logits"] or fields["nonfinite_weights"]:
+                print(f"tokenbench: warning: {name} {knob_label(point)}: {fields['nonfinite_logits']} images with "
+                      f"NaN or inf logits{'; NaN or inf weights' if fields['nonfinite_weights'] else ''}",
+                      file=sys.stderr)
+            row = results.ResultRow.from_dict(fields)
+            if results_path is not None:
+                results.append_result(results_path, row)
+            rows.append(row)
+            unit = "clips/s" if video else "img/s"
+            speed = f", {row.throughput:.0f} {unit}, {row.latency_ms:.2f} ms at batch 1" if timing else ""
+            speed += " (noisy: machine busy?)" if row.timing_noisy else ""
+            log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: top-1 {100 * row.top1:.2f}%, "
+                f"{row.gmacs:.4g} GMACs{speed}")
+        log(f"done in {time.perf_counter() - started:.1f} s" + (f"; {results_path}" if results_path else ""))
+        return results.rows_frame(rows)

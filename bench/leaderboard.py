@@ -72,6 +72,9 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
         "latency ms (b=1)": g["latency_ms"],
         "Pareto": front.map({True: "★", False: ""}),
     })
+    noisy = g["timing_noisy"].eq(True)  # IQR above 10% of the median: the machine was busy
+    if noisy.any():
+        table.insert(table.columns.get_loc("speedup") + 1, "timing", noisy.map({True: "noisy", False: ""}))
     if g["budget"].notna().any():
         table.insert(2, "budget", g["budget"])
     return table.sort_values(["GMACs", "method"], ascending=[False, True])
@@ -145,7 +148,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
     lines = ["# tokenbench leaderboard", "",
              f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "
              "as one (the papers' convention), per image, on the computation actually run; speedup is "
-             "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front.",
+             "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front; "
+             "`noisy` marks a timing whose IQR exceeded 10% of its median (the machine was busy).",
              ""]
     for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
         for model, g in backbone_tables(setting):

@@ -37,6 +37,7 @@ class Evaluation:
     matmul_gmacs: np.ndarray  # per image, without norms (what FlopCounterMode counts)
     tokens_per_block: list[float]  # mean over images of the tokens entering each block
     stats: dict = field(default_factory=dict)  # means of what the method noted per image (e.g. exit fractions)
+    nonfinite: int = 0  # images whose logits held NaN or inf
 
     def summary(self) -> dict:
         g = self.gmacs
@@ -45,6 +46,7 @@ class Evaluation:
             "gmacs": float(g.mean()), "gmacs_p50": float(np.median(g)), "gmacs_std": float(g.std()),
             "gmacs_min": float(g.min()), "gmacs_max": float(g.max()), "gmacs_counter": "ledger",
             "tokens_per_block": [round(t, 3) for t in self.tokens_per_block], "stats": self.stats,
+            "nonfinite_logits": self.nonfinite,
         }
 
 
@@ -55,7 +57,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
     views' softmax (VideoMAE's test protocol) and its GMACs the sum over its views.
     """
     model.eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = nonfinite = 0
     gmacs, matmul, tokens, notes = [], [], [], {}
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
@@ -65,6 +67,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
             logits = model(images)
         if views > 1:
             logits = logits.float().softmax(dim=-1).view(len(labels), views, -1).mean(dim=1)
+        nonfinite += (~torch.isfinite(logits.float()).all(dim=1)).sum().item()
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         correct1 += hits[:, 0].sum().item()
@@ -79,7 +82,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
         raise ValueError("no images to evaluate")
     tokens_mean = np.concatenate(tokens).mean(axis=0).tolist() if tokens else []
     stats = {name: float(np.concatenate(v).mean()) for name, v in sorted(notes.items())}
-    return Evaluation(n, correct1 / n, correct5 / n, np.concatenate(gmacs), np.concatenate(matmul), tokens_mean, stats)
+    return Evaluation(n, correct1 / n, correct5 / n, np.concatenate(gmacs), np.concatenate(matmul), tokens_mean, stats,
+                      nonfinite)
 
 
 @dataclass

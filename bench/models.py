@@ -149,7 +149,11 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
         trained_with = obj.get("meta", {}).get("trained_with")
         if trained_with:
             get_method(trained_with).attach(model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of the wrong shape
+            mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+            raise BenchError(f"checkpoint {checkpoint} does not fit {name}: {mismatch}") from None
         if missing or unexpected:
             raise BenchError(f"checkpoint {checkpoint} does not fit {name}: "
                              f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
@@ -179,7 +183,14 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
 
 def load_videomae_folder(folder: Path) -> LoadedModel:
     """A Hugging Face VideoMAE classifier folder (config.json + weights), mapped onto our video ViT."""
-    model, config, files = video.load_videomae(folder)
+    try:
+        model, config, files = video.load_videomae(folder)
+    except BenchError:
+        raise
+    except Exception as err:  # a bad config.json, tensors of the wrong shape, a truncated weights file
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                      str(err).splitlines()[0] if str(err) else "")
+        raise BenchError(f"cannot load the VideoMAE folder {folder}: {type(err).__name__}: {detail}") from None
     digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     meta = {"source": "huggingface-videomae", "config": config.get("_name_or_path") or folder.name}
     return LoadedModel(model, f"videomae:{folder.name}", f"file:{folder.name}@sha256:{digest[:12]}", meta)

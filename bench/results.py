@@ -1,15 +1,20 @@
 """Results storage: append-only JSON Lines, one `ResultRow` per measured configuration, with provenance.
 
-Each line is written with a single `write` on a file opened for appending, then flushed and synced, so
-a killed run leaves whole lines only; a torn last line (power loss) is ignored when reading and cut
-off before the next append. A configuration's `cell_id` hashes everything that defines it, so a rerun
-with the same `--out` skips what is already recorded.
+Each line is written on a file opened for appending, then synced; a write that fails or falls short (a
+full disk) is undone and stops the run, so the file holds whole lines only. A torn last line (power
+loss) is ignored when reading and cut off before the next append; any other line that is not a results
+row is skipped with a warning naming it, and never rewritten. A sweep holds an advisory lock on its
+results file, so two sweeps never measure into one file. A configuration's `cell_id` hashes everything
+that defines it, so a rerun with the same `--out` skips what is already recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -17,9 +22,12 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from tokenbench.errors import BenchError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
@@ -78,6 +86,10 @@ class ResultRow:
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
     peak_memory_mb: float | None = None
+    timing_noisy: bool | None = None  # an IQR above 10% of its median: the machine was busy
+    load_average: list | None = None  # 1-minute load average before and after the timing
+    nonfinite_logits: int | None = None  # images whose logits held NaN or inf
+    nonfinite_weights: bool | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -100,16 +112,29 @@ def cell_id(cell: dict) -> str:
     return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_results(path: str | Path) -> list[ResultRow]:
-    """All complete rows of one results file (a torn last line is skipped)."""
+def warn(message: str) -> None:
+    print(f"tokenbench: warning: {message}", file=sys.stderr)
+
+
+def read_results(path: str | Path, log: Callable[[str], None] = warn) -> list[ResultRow]:
+    """All rows of one results file. A torn last line (a crash mid-write) is left out silently; any other
+    line that is not a results row is left out and reported through `log`, with its line number."""
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n") and line.strip():
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
                 rows.append(ResultRow.from_dict(json.loads(line)))
+            except (ValueError, TypeError, AttributeError):  # not JSON, not an object, or fields missing
+                bad.append(number)
+    if bad:
+        where = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        log(f"{path}: skipped {len(bad)} line{'s' * (len(bad) > 1)} that {'are' if len(bad) > 1 else 'is'} not a "
+            f"results row (line {where}); the other rows are used and the file is left as it is")
     return rows
 
 
@@ -130,6 +155,7 @@ def results_files(directory: str | Path) -> list[Path]:
 
 
 def append_result(path: str | Path, row: ResultRow) -> None:
+    """Append one row as one whole line, synced; on a failed or short write, undo it and raise BenchError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(row.to_dict(), sort_keys=True) + "\n").encode()
@@ -140,12 +166,44 @@ def append_result(path: str | Path, row: ResultRow) -> None:
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
-                    content = path.read_bytes()
-                    os.ftruncate(fd, content.rfind(b"\n") + 1)
-        os.write(fd, data)
-        os.fsync(fd)
+                    size = path.read_bytes().rfind(b"\n") + 1
+                    os.ftruncate(fd, size)
+        try:
+            written = 0
+            while written < len(data):
+                n = os.write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += n
+            os.fsync(fd)
+        except OSError as err:
+            os.ftruncate(fd, size)  # whole lines only: the rows before this one stay, this one is not half there
+            raise BenchError(f"cannot write a results row to {path}: {err.strerror or err}; "
+                             "the rows already written are intact") from None
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path):
+    """Hold an advisory lock on the results file `path` (through `path.lock`, which names the holder's pid)
+    while a sweep writes it: a second sweep on the same file stops at once instead of measuring every cell
+    again."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise BenchError(f"{path} is being written by another tokenbench process (pid {holder}); wait for it "
+                             "to finish or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when tokenbench runs from one
@@ -165,7 +223,8 @@ def git_state(root: Path = PACKAGE_ROOT) -> dict:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         pyproject = root / "pyproject.toml"
-        if Path(top).resolve() != root.resolve() or not pyproject.is_file() or 'name = "tokenbench"' not in pyproject.read_text():
+        own = pyproject.is_file() and 'name = "tokenbench"' in pyproject.read_text()
+        if Path(top).resolve() != root.resolve() or not own:
             return none
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
                              timeout=10).stdout.strip()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tokenbench.data import DatasetInfo, digits_split
+from tokenbench.data import DatasetInfo, Unreadable, digits_split
 from tokenbench.errors import BenchError
 from tokenbench.video import IMAGENET_MEAN, IMAGENET_STD
 
@@ -257,8 +257,8 @@ class VideoFiles(Dataset):
     def __getitem__(self, i):
         try:
             video = decode_video(self.paths[i])
-        except Undecodable as err:
-            raise BenchError(f"video became undecodable after the readability check: {err}") from None
+        except Undecodable as err:  # undecodable after the readability check: counted by the store, not fatal
+            raise Unreadable(str(err)) from None
         return self.transform(video), self.labels[i]
 
 

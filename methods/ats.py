@@ -81,7 +81,8 @@ class ATS(Method):
     name = "ats"
     family = "prune"
     knobs = (Knob("sample_rate", (1.0, 0.7, 0.5, 0.3), noop=math.inf, kind=float, low=0.0, high=16.0,
-                  help="ATS: samples per block as a fraction of the input patch tokens (1 = paper, inf = off, at most 16)"),)
+                  help="ATS: samples per block as a fraction of the input patch tokens (1 = paper, inf = off, "
+                       "at most 16)"),)
     summary = "adaptive token sampling in blocks 3..11: per-image token counts, padded and masked"
 
     def build(self, model, sample_rate=math.inf):

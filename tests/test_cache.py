@@ -108,3 +108,106 @@ def test_decoding_in_worker_processes_gives_the_same_store(image_folder, tmp_pat
     spread = cache.load_images(ds, transform, tmp_path / "spread", workers=2)
     assert (len(here), here.unreadable) == (len(spread), spread.unreadable) == (6, 1)
     assert np.array_equal(here.images, spread.images) and np.array_equal(here.labels, spread.labels)
+
+
+def only_store(root):
+    (store,) = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return store
+
+
+@pytest.mark.parametrize("damage", ["flip image bytes", "zero labels", "truncate images", "bad header",
+                                    "bad meta", "no labels", "changed n"])
+def test_a_damaged_store_is_detected_reported_and_rebuilt(image_folder, tmp_path, capsys, damage):
+    transform = imagenet_style()
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
+    expected = cache.load_images(ds, transform, tmp_path / "store").batch(0, 6)
+    store = only_store(tmp_path / "store")
+    images, labels, meta = store / "images.npy", store / "labels.npy", store / "meta.json"
+    if damage == "flip image bytes":
+        raw = bytearray(images.read_bytes())
+        raw[-100:] = bytes(255 - b for b in raw[-100:])
+        images.write_bytes(bytes(raw))
+    elif damage == "zero labels":
+        np.save(labels, np.zeros(6, dtype=np.int64))
+    elif damage == "truncate images":
+        images.write_bytes(images.read_bytes()[:500])
+    elif damage == "bad header":
+        images.write_bytes(b"garbage" + images.read_bytes()[7:])
+    elif damage == "bad meta":
+        meta.write_text("{not json")
+    elif damage == "no labels":
+        labels.unlink()
+    else:
+        meta.write_text(meta.read_text().replace('"n": 6', '"n": 4'))
+    capsys.readouterr()
+    again = cache.load_images(ds, transform, tmp_path / "store")
+    assert f"the image store {store} is damaged" in capsys.readouterr().err and not again.cached
+    x, y = again.batch(0, 6)
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    assert cache.load_images(ds, transform, tmp_path / "store").cached  # whole again
+
+
+def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(image_folder, tmp_path, monkeypatch):
+    transform = imagenet_style()
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(BenchError, match=r"the image store needs 0 MB and .* has 0 MB free: free some space or "
+                                         r"pass --cache-dir"):
+        cache.load_images(ds, transform, tmp_path / "store")
+    assert not any((tmp_path / "store").iterdir())
+
+
+def test_temporary_stores_of_killed_runs_are_removed_at_the_next_start(image_folder, tmp_path):
+    transform = imagenet_style()
+    ds = datasets.build_dataset("folder", "test", transform, str(image_folder))
+    root = tmp_path / "store"
+    dead = subprocess_pid_that_exited()
+    stale = root / f".folder-test-abc-pid{dead}-x1y2"
+    alive = root / f".folder-test-abc-pid{os.getpid()}-x1y2"  # a store this process is writing
+    stale.mkdir(parents=True)
+    alive.mkdir()
+    cache.load_images(ds, transform, root)
+    assert not stale.exists() and alive.exists()
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_decoding_workers_die_with_a_killed_parent(tmp_path):
+    """A SIGKILLed run leaves no decoding worker behind (the kernel kills them with it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time, torch\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from tokenbench.cache import die_with_parent\n"
+        "class Slow(Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i):\n"
+        "        print('worker', os.getpid(), flush=True); time.sleep(60); return i\n"
+        "for _ in DataLoader(Slow(), num_workers=2, worker_init_fn=die_with_parent): pass\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = {int(parent.stdout.readline().split()[1]) for _ in range(2)}
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and "Z" not in status(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") and "Z" not in status(pid) for pid in workers)
+
+
+def status(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"

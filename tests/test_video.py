@@ -383,3 +383,40 @@ def test_embedded_video_weights_reach_their_recorded_val_accuracy():
     videos, labels = preload(val.dataset)
     result = evaluate(loaded.model, batches(videos, labels, 64), torch.device("cpu"))
     assert result.top1 == pytest.approx(loaded.meta["val_top1"], abs=1 / len(labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_a_clip_that_breaks_after_the_readability_check_is_counted_not_fatal(tmp_path, monkeypatch, streamed):
+    pytest.importorskip("av")
+    from tokenbench import datasets as registry
+
+    if streamed:
+        monkeypatch.setattr("tokenbench.cache.FLOAT_MEMORY_BYTES", 0)
+    root = kinetics_root(tmp_path)
+    build = registry.DATASETS["kinetics400"]
+
+    def build_then_break(*args, **kwargs):
+        ds = build(*args, **kwargs)  # the readability check has passed: now the pancake clip goes bad
+        pancake = root / "val" / "flipping pancake" / "pancake0000_000003_000013.mkv"
+        pancake.unlink()
+        pancake.write_bytes(b"truncated" * 50)
+        return ds
+
+    monkeypatch.setitem(registry.DATASETS, "kinetics400", build_then_break)
+    kwargs = dict(depth=1, embed_dim=32, num_heads=1)
+    ckpt = tmp_path / "videomae_tiny.pt"
+    save_checkpoint(ckpt, timm.create_model("videomae_small_patch16_224", **kwargs), "videomae_small_patch16_224",
+                    {}, kwargs)
+    argv = ["bench", "--method", "none", "--checkpoint", str(ckpt), "--dataset", "kinetics400", "--data-root",
+            str(root), "--split", "val", "--protocol", "16x4x1x1", "--no-timing", "--batch-size", "2",
+            "--workers", "2"]
+    assert main([*argv, "--out", str(tmp_path / "runs")]) == 0
+    row = read_results(tmp_path / "runs" / "results.jsonl")[0]
+    assert (row.n_images, row.n_missing, row.n_unreadable) == (1, 1, 2)
+    # --strict fails on it: with the clip whole again at the check and no other unreadable one
+    (root / "val" / "arm wrestling" / "broken00000_000001_000011.mp4").unlink()
+    pancake = root / "val" / "flipping pancake" / "pancake0000_000003_000013.mkv"
+    pancake.unlink()
+    pancake.symlink_to(shared_data("kinetics-clips") / "decord_flipping_a_pancake.mkv")
+    assert main([*argv, "--strict", "--out", str(tmp_path / "strict")]) == 2

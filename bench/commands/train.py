@@ -41,6 +41,23 @@ def augmenting(eval_tf, flip: bool = False):
     return transforms.Compose(steps + [transforms.RandomHorizontalFlip()] * flip + [eval_tf])
 
 
+def check_output_file(path: str) -> None:
+    """Before any training: `path` can be written (not a folder, in a folder that takes files)."""
+    import os
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise BenchError(f"--out {out}: is a folder; give the checkpoint file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".tokenbench-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise BenchError(f"--out {out}: cannot write there ({err.strerror or err}); nothing was trained") from None
+
+
 def method_knobs(method, args) -> dict:
     """The knobs `method.training_loss` takes: as given (checked by this method's knobs), else its own
     default, else the middle of the sweep."""
@@ -71,6 +88,7 @@ def run(args):
         raise BenchError(f"{next(iter(given_knobs(args)))!r} is a method knob: pass --method too")
     if args.epochs < 1:
         raise BenchError("--epochs must be at least 1")
+    check_output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
