@@ -215,6 +215,28 @@ def test_videomae_folder_with_foreign_keys_is_a_clear_error(tmp_path):
         load_model(checkpoint=tmp_path / "empty")
 
 
+@pytest.mark.parametrize("damage", ["bad config.json", "config without sizes", "wrong shapes", "truncated weights"])
+def test_a_broken_videomae_folder_is_one_line_on_the_command_line(tmp_path, capsys, damage):
+    pytest.importorskip("safetensors")
+    state = random_hf_videomae(HF_CONFIG)
+    if damage == "wrong shapes":
+        state["classifier.weight"] = torch.zeros(5, 16)
+    folder = tmp_path / "videomae"
+    write_hf_folder(folder, HF_CONFIG, state)
+    if damage == "bad config.json":
+        (folder / "config.json").write_text("{'not': json")
+    elif damage == "config without sizes":
+        (folder / "config.json").write_text(json.dumps({"model_type": "videomae"}))
+    elif damage == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    assert main(["bench", "--method", "none", "--checkpoint", str(folder), "--dataset", "moving-digits",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder}" in err[0], err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
 def test_videomae_shapes():
     model = timm.create_model("videomae_base_patch16_224", depth=1)
     assert (model.patch_embed.num_patches, model.protocol, model.num_prefix_tokens) == (1568, "16x4x5x3", 0)
