@@ -240,7 +240,7 @@ class ReducibleBlock(nn.Module):
         self.reducer = reducer
         self.cost = BlockCost.of(block)
 
-    def apply(self, x: torch.Tensor, state: TokenState, decision: Decision | None) -> torch.Tensor:
+    def apply_decision(self, x: torch.Tensor, state: TokenState, decision: Decision | None) -> torch.Tensor:
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
@@ -266,7 +266,7 @@ class ReducibleBlock(nn.Module):
         blk, reducer = self.block, self.reducer
         position = reducer.position if reducer is not None else None
         if position is Position.BEFORE_BLOCK:
-            x = self.apply(x, state, reducer.decide(x, state, AttentionInfo()))
+            x = self.apply_decision(x, state, reducer.decide(x, state, AttentionInfo()))
         n_attn = state.valid_counts(x)
         needs = reducer.needs if position in (Position.AFTER_ATTENTION, Position.QUERIES) else Need.NOTHING
         selecting = position is Position.QUERIES
@@ -277,7 +277,7 @@ class ReducibleBlock(nn.Module):
             x = gather_tokens(x, query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if position is Position.AFTER_ATTENTION:
-            x = self.apply(x, state, reducer.decide(x, state, info))
+            x = self.apply_decision(x, state, reducer.decide(x, state, info))
         ledger = active_ledger()
         if ledger is not None:
             n_out = state.valid_counts(x)

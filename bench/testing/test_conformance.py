@@ -95,3 +95,19 @@ def test_wrapping_leaves_the_model_untouched(name, tiny_vit, digit_images):
     logits(method.build(tiny_vit, **method.sweep_points()[-1]), digit_images)
     assert torch.equal(logits(tiny_vit, digit_images), before)
     assert all(torch.equal(v, state[k]) for k, v in tiny_vit.state_dict().items())
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_the_reduced_model_is_an_ordinary_module(name, tiny_vit, digit_images):
+    """nn.Module's own machinery works on it: apply, state_dict, copies."""
+    import copy
+
+    method = get_method(name)
+    torch.manual_seed(0)
+    model = method.build(tiny_vit, **method.sweep_points()[0])
+    seen = []
+    model.apply(lambda m: seen.append(m))
+    assert model in seen and len(seen) > len(tiny_vit.blocks)
+    assert set(model.state_dict()) >= {f"vit.{k}" for k in tiny_vit.state_dict()}
+    clone = copy.deepcopy(model)  # before any forward: a seeded method's generator is copied in its start state
+    assert torch.equal(logits(clone, digit_images), logits(model, digit_images))
