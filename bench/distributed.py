@@ -69,7 +69,9 @@ def merge(parts: list[Evaluation]) -> Evaluation:
     stats = {k: sum(p.stats[k] * p.n_images for p in parts) / n for k in parts[0].stats}
     return Evaluation(n, correct1 / n, correct5 / n, np.concatenate([p.gmacs for p in parts]),
                       np.concatenate([p.matmul_gmacs for p in parts]), tokens.tolist(), stats,
-                      sum(p.nonfinite for p in parts))
+                      sum(p.nonfinite for p in parts), *(None if any(getattr(p, f) is None for p in parts)
+                                                        else np.concatenate([getattr(p, f) for p in parts])
+                                                        for f in ("correct", "labels")))
 
 
 def gather(evaluation: Evaluation | None, world: World) -> Evaluation | None:

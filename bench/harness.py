@@ -80,6 +80,17 @@ def writable_folder(out: str | Path) -> Path:
     return out
 
 
+def reducible(model) -> bool:
+    """Whether `model` is a ViT the block-level methods (and the dense baseline) wrap."""
+    from tokenbench.tokens import check_vit
+
+    try:
+        check_vit(model)
+    except BenchError:
+        return False
+    return True
+
+
 def check_options(device: str, dtype: str, split: str, batch_size: int | None, repeats: int,
                   threads: int | None, seed: int = 0) -> tuple[torch.device, int]:
     """(device, batch size), or a BenchError naming the bad option, before any work."""
@@ -130,7 +141,9 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
 
     `methods`: 'all', 'a,b' or a list of names. `knobs`: sweep values that replace a method's defaults,
     {name: 'v,v' or a list}. `out`: a folder to append the rows to (`OUT/results.jsonl`; resumable), or None.
-    `timing=False` records accuracy and GMACs only. The other arguments are the `tokenbench bench` options.
+    `timing=False` records accuracy and GMACs only. The dense model is measured too when `methods` does not
+    name it (its row has `baseline` set), so that every row has its reference. The other arguments are the
+    `tokenbench bench` options.
     """
     names = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))
     overrides = knob_overrides(names, knobs or {})
@@ -144,6 +157,9 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     shard_spec = distributed.parse_shard(shard)
     world, chosen_device = distributed.init(chosen_device)
     backbone = models.load_model(model, checkpoint, pretrained)
+    baseline_added = "none" not in method_objects and reducible(backbone.model)
+    if baseline_added:  # Δ top-1 and speedups always have the dense model of the same setting to refer to
+        method_objects = {"none": get_method("none"), **method_objects}
     results_path = Path(out) / distributed.results_name(shard_spec) if out is not None else None
     with contextlib.ExitStack() as held:  # the results file is ours until the sweep ends
         if results_path is not None and world.is_main:
@@ -205,6 +221,7 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
             if not world.is_main:
                 continue
             fields = {**cell, "cell_id": cid, "family": method.family, "needs_training": method.needs_training,
+                      "baseline": True if baseline_added and name == "none" else None,
                       "n_unreadable": store.unreadable, "n_missing": ds.missing,
                       "params": measure.parameter_count(built), "trained_with": loaded.meta.get("trained_with"),
                       **evaluation.summary(), "provenance": env}

@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tokenbench.errors import BenchError
 from tokenbench.registry import knob_label
 from tokenbench.results import read_results_folder, rows_frame
+from tokenbench.stats import correct_from_bits, decimals_for, delta_ci, holm, mcnemar
 
 SETTING = ["dataset", "device_name", "dtype", "batch_size"]
 
@@ -56,19 +58,62 @@ def is_video(g: pd.DataFrame) -> bool:
     return "protocol" in g and g["protocol"].notna().any()
 
 
+def outcomes(row) -> np.ndarray | None:
+    """A row's per-image top-1 outcomes, when it recorded them."""
+    bits = row.get("correct_bits")
+    return correct_from_bits(bits, int(row["n_images"])) if isinstance(bits, str) else None
+
+
+def paired(a, b) -> bool:
+    """Whether two rows saw the same images in the same order (so their outcomes can be compared image by image)."""
+    return (isinstance(a.get("image_key"), str) and a.get("image_key") == b.get("image_key")
+            and a["n_images"] == b["n_images"] and outcomes(a) is not None and outcomes(b) is not None)
+
+
+def delta_text(row, base, decimals: int) -> str:
+    """Δ top-1 in points against the dense row, with its paired bootstrap 95% interval when both have outcomes."""
+    if base is None:
+        return ""
+    delta = 100 * (row["top1"] - base["top1"])
+    if row.name == base.name or not paired(row, base):
+        return f"{delta:+.{decimals}f}"
+    low, high = delta_ci(outcomes(row), outcomes(base))
+    return f"{delta:+.{decimals}f} ({low:+.{decimals}f}, {high:+.{decimals}f})"
+
+
+def better_than(g: pd.DataFrame, alpha: float = 0.05) -> pd.Series:
+    """At each matched budget: the baselines (random, topk) each method beats on the same images by an exact
+    McNemar test, Holm-corrected over the methods compared with that baseline at that budget."""
+    marks = pd.Series("", index=g.index)
+    for _, rows in g[g["budget"].notna()].groupby("budget"):
+        for baseline in ("random", "topk"):
+            reference = rows[rows["method"] == baseline]
+            if reference.empty:
+                continue
+            ref = reference.iloc[-1]
+            others = [(i, row) for i, row in rows.iterrows()
+                      if row["method"] not in ("none", baseline) and paired(row, ref)]
+            pvalues = holm([mcnemar(outcomes(row), outcomes(ref)) for _, row in others])
+            for (i, row), p in zip(others, pvalues):
+                if p < alpha and row["top1"] > ref["top1"]:
+                    marks[i] = ", ".join(filter(None, [marks[i], baseline]))
+    return marks
+
+
 def group_table(g: pd.DataFrame) -> pd.DataFrame:
     dense = g[g["method"] == "none"]
     base = dense.iloc[-1] if len(dense) else None
+    decimals = decimals_for(int(g["n_images"].max()))
     front = pareto_front(g, "gmacs")
     table = pd.DataFrame({
         "method": g["method"],
         "knobs": g["knob_text"],
-        "top-1 %": 100 * g["top1"],
-        "Δ top-1": 100 * (g["top1"] - base["top1"]) if base is not None else float("nan"),
+        "top-1 %": (100 * g["top1"]).map(lambda v: f"{v:.{decimals}f}"),
+        "Δ top-1 (95% CI)": [delta_text(row, base, decimals) for _, row in g.iterrows()],
         "GMACs": g["gmacs"],
-        "GMACs ÷ dense": g["gmacs"] / base["gmacs"] if base is not None else float("nan"),
+        "GMACs ÷ dense": (g["gmacs"] / base["gmacs"]).round(3) if base is not None else float("nan"),
         "clips/s" if is_video(g) else "img/s": g["throughput"],
-        "speedup": g["throughput"] / base["throughput"] if base is not None else float("nan"),
+        "speedup": (g["throughput"] / base["throughput"]).round(2) if base is not None else float("nan"),
         "latency ms (b=1)": g["latency_ms"],
         "Pareto": front.map({True: "★", False: ""}),
     })
@@ -77,6 +122,7 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
         table.insert(table.columns.get_loc("speedup") + 1, "timing", noisy.map({True: "noisy", False: ""}))
     if g["budget"].notna().any():
         table.insert(2, "budget", g["budget"])
+        table["better than (McNemar, Holm, p < 0.05)"] = better_than(g)
     return table.sort_values(["GMACs", "method"], ascending=[False, True])
 
 
@@ -149,7 +195,11 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
              f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "
              "as one (the papers' convention), per image, on the computation actually run; speedup is "
              "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front; "
-             "`noisy` marks a timing whose IQR exceeded 10% of its median (the machine was busy).",
+             "`noisy` marks a timing whose IQR exceeded 10% of its median (the machine was busy). Accuracy is "
+             "rounded to what the image count supports; Δ top-1 is against the dense model, with the paired "
+             "bootstrap 95% interval over the same images (10,000 resamples): an interval that excludes 0 is a "
+             "difference beyond sampling noise. At a matched budget, `better than` names the baselines "
+             "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.",
              ""]
     for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
         for model, g in backbone_tables(setting):

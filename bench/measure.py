@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from tokenbench.ledger import CostLedger
+from tokenbench.stats import outcome_fields
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,6 +39,8 @@ class Evaluation:
     tokens_per_block: list[float]  # mean over images of the tokens entering each block
     stats: dict = field(default_factory=dict)  # means of what the method noted per image (e.g. exit fractions)
     nonfinite: int = 0  # images whose logits held NaN or inf
+    correct: np.ndarray | None = None  # per image, in the dataset's order: top-1 right or not
+    labels: np.ndarray | None = None  # per image, in the same order
 
     def summary(self) -> dict:
         g = self.gmacs
@@ -46,7 +49,7 @@ class Evaluation:
             "gmacs": float(g.mean()), "gmacs_p50": float(np.median(g)), "gmacs_std": float(g.std()),
             "gmacs_min": float(g.min()), "gmacs_max": float(g.max()), "gmacs_counter": "ledger",
             "tokens_per_block": [round(t, 3) for t in self.tokens_per_block], "stats": self.stats,
-            "nonfinite_logits": self.nonfinite,
+            "nonfinite_logits": self.nonfinite, **outcome_fields(self.correct, self.labels),
         }
 
 
@@ -58,7 +61,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
     """
     model.eval()
     correct1 = correct5 = nonfinite = 0
-    gmacs, matmul, tokens, notes = [], [], [], {}
+    gmacs, matmul, tokens, notes, right, seen = [], [], [], {}, [], []
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         if views > 1:
@@ -71,6 +74,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         correct1 += hits[:, 0].sum().item()
+        right.append(hits[:, 0].cpu().numpy())
+        seen.append(labels.cpu().numpy())
         correct5 += hits.any(dim=1).sum().item()
         gmacs.append(ledger.gmacs.view(len(labels), views).sum(dim=1).numpy())
         matmul.append(ledger.matmul_gmacs.view(len(labels), views).sum(dim=1).numpy())
@@ -83,7 +88,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
     tokens_mean = np.concatenate(tokens).mean(axis=0).tolist() if tokens else []
     stats = {name: float(np.concatenate(v).mean()) for name, v in sorted(notes.items())}
     return Evaluation(n, correct1 / n, correct5 / n, np.concatenate(gmacs), np.concatenate(matmul), tokens_mean, stats,
-                      nonfinite)
+                      nonfinite, np.concatenate(right), np.concatenate(seen))
 
 
 @dataclass

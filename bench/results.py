@@ -90,6 +90,9 @@ class ResultRow:
     load_average: list | None = None  # 1-minute load average before and after the timing
     nonfinite_logits: int | None = None  # images whose logits held NaN or inf
     nonfinite_weights: bool | None = None
+    correct_bits: str | None = None  # per image, in the dataset's order: top-1 right (1) or wrong, base64 bits
+    image_key: str | None = None  # hash of the evaluated labels in order: rows with equal keys saw the same images
+    baseline: bool | None = None  # the dense model, measured because the sweep did not name it
     extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod

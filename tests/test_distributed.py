@@ -35,7 +35,8 @@ def test_slices_cover_every_image_once_without_padding(n, size):
 
 def evaluation(top1, gmacs, tokens, stats):
     g = np.asarray(gmacs, dtype=float)
-    return Evaluation(len(g), top1, 1.0, g, g / 2, tokens, stats)
+    correct = np.arange(len(g)) < round(top1 * len(g))
+    return Evaluation(len(g), top1, 1.0, g, g / 2, tokens, stats, 0, correct, g.astype(int))
 
 
 def test_merge_is_the_single_process_evaluation():
@@ -43,6 +44,7 @@ def test_merge_is_the_single_process_evaluation():
     merged = distributed.merge(parts)
     assert merged.n_images == 4 and merged.top1 == 0.5 and merged.gmacs.tolist() == [1, 2, 3, 4]
     assert merged.tokens_per_block == [65.0, 35.0] and merged.stats == {"exit": 0.625}
+    assert merged.correct.tolist() == [True, True, False, False] and merged.labels.tolist() == [1, 2, 3, 4]
 
 
 def test_shard_parsing_and_deterministic_round_robin():
