@@ -112,13 +112,16 @@ def check_options(device: str, dtype: str, split: str, batch_size: int | None, r
 
 
 def plan_cells(methods: dict[str, Method], backbone, model_name: str, dataset: str, checkpoint, overrides: dict,
-               budget: float | None, calibration, dense: float | None, log) -> list[tuple]:
-    """(method name, method, loaded model, knobs) per configuration: the sweep, or the budget-matched points."""
+               budget: float | None, calibration, dense: float | None, log, one_named: bool) -> list[tuple]:
+    """(method name, method, loaded model, knobs) per configuration: the sweep, or the budget-matched points.
+
+    A method that needs training runs on `checkpoint` when it is the one method the user named
+    (`one_named`), else on the weights it ships for (model, dataset)."""
     plan = []
     for name, method in methods.items():
         loaded = backbone
         if method.needs_training:
-            path = checkpoint if len(methods) == 1 and checkpoint else method.checkpoint_for(model_name, dataset)
+            path = checkpoint if one_named and checkpoint else method.checkpoint_for(model_name, dataset)
             if path is None:
                 log(f"{name}: skipped, it needs weights trained with it "
                     f"(tokenbench train --method {name} ...; then --method {name} --checkpoint FILE)")
@@ -186,7 +189,7 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
         env = results.provenance(chosen_device, seed)
         dense = budgets.dense_gmacs(backbone.model, calibration[0]) if budget is not None else None
         plan = plan_cells(method_objects, backbone, model, dataset, checkpoint, overrides, budget, calibration, dense,
-                          log)
+                          log, one_named=len(names) == 1)
         plan = distributed.shard_of(plan, shard_spec, key=lambda cell: distributed.cell_sort_key(cell[0], cell[3]))
         log = log if world.is_main else (lambda *a, **k: None)
 

@@ -61,3 +61,18 @@ def test_training_lowers_the_loss_moves_only_predictors_and_reloads(tmp_path, ti
     loaded = models.load_model(checkpoint=path).model
     with torch.inference_mode():
         assert torch.equal(method.build(loaded, rho=0.7)(digit_images), method.build(tiny_vit, rho=0.7)(digit_images))
+
+
+def test_a_sweep_of_dynamicvit_alone_runs_on_the_checkpoint_given(tmp_path):
+    """With the dense baseline added to the sweep, the one method named still gets the user's weights."""
+    import shutil
+
+    from tokenbench.cli import main
+    from tokenbench.results import read_results
+
+    mine = tmp_path / "my_dynamicvit.pt"
+    shutil.copy(models.asset("dynamicvit_digits.pt"), mine)
+    assert main(["bench", "--method", "dynamicvit", "--rho", "0.7", "--checkpoint", str(mine), "--no-timing",
+                 "--split", "val", "--out", str(tmp_path / "out")]) == 0
+    rows = {r.method: r for r in read_results(tmp_path / "out" / "results.jsonl")}
+    assert rows["dynamicvit"].weights.startswith("file:my_dynamicvit.pt@") and rows["none"].baseline
