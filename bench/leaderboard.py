@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tokenbench.errors import BenchError
-from tokenbench.registry import knob_label
+from tokenbench.registry import all_methods, knob_label
 from tokenbench.results import read_results_folder, rows_frame
 from tokenbench.stats import correct_from_bits, decimals_for, delta_ci, holm, mcnemar
 
@@ -39,6 +39,24 @@ def pareto_front(df: pd.DataFrame, cost: str, higher_cost_is_better: bool = Fals
         if pd.notna(order.at[idx, cost]) and top1 > best:
             on_front[idx], best = True, top1
     return on_front
+
+
+def backbone_weights(g: pd.DataFrame) -> str:
+    """The weights of the backbone the training-free methods share: the dense row's."""
+    dense = g.loc[g["method"] == "none", "weights"]
+    return dense.iloc[-1] if len(dense) else g["weights"].mode().iloc[0]
+
+
+def fronts(g: pd.DataFrame, cost: str, higher_cost_is_better: bool = False) -> pd.Series:
+    """'★' for the Pareto front of the rows on the backbone's weights, '☆' for the front of each separately
+    trained model (DVT's cascade, DynamicViT's predictors) among its own rows: a model trained on its own
+    never pushes the training-free methods off the front of the backbone they share."""
+    shared = backbone_weights(g)
+    marks = pd.Series("", index=g.index)
+    for weights, rows in g.groupby("weights"):
+        on = pareto_front(rows, cost, higher_cost_is_better)
+        marks[on[on].index] = "★" if weights == shared else "☆"
+    return marks
 
 
 def slug(*parts) -> str:
@@ -104,7 +122,6 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
     dense = g[g["method"] == "none"]
     base = dense.iloc[-1] if len(dense) else None
     decimals = decimals_for(int(g["n_images"].max()))
-    front = pareto_front(g, "gmacs")
     table = pd.DataFrame({
         "method": g["method"],
         "knobs": g["knob_text"],
@@ -115,7 +132,7 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
         "clips/s" if is_video(g) else "img/s": g["throughput"],
         "speedup": (g["throughput"] / base["throughput"]).round(2) if base is not None else float("nan"),
         "latency ms (b=1)": g["latency_ms"],
-        "Pareto": front.map({True: "★", False: ""}),
+        "Pareto": fronts(g, "gmacs"),
     })
     noisy = g["timing_noisy"].eq(True)  # IQR above 10% of the median: the machine was busy
     if noisy.any():
@@ -146,35 +163,70 @@ def settings_line(g: pd.DataFrame) -> str:
     return ", ".join(bits)
 
 
-def plot_group(g: pd.DataFrame, title: str, path_stem: Path) -> list[Path]:
+def style_of(methods: list[str]) -> dict:
+    """One colour and one marker per method: given every registered method, the same on every board."""
+    import seaborn as sns
+
+    colours = sns.color_palette("tab10", max(len(methods), 1))
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*"]
+    return {m: (colours[i % len(colours)], markers[i % len(markers)]) for i, m in enumerate(sorted(methods))}
+
+
+def accuracy_interval(row) -> tuple[float, float]:
+    """Wilson 95% interval of a row's top-1, in points (what its image count allows)."""
+    from scipy.stats import binomtest
+
+    n = int(row["n_images"])
+    ci = binomtest(int(round(row["top1"] * n)), n).proportion_ci(method="wilson")
+    return 100 * ci.low, 100 * ci.high
+
+
+def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> list[Path]:
+    """Accuracy against GMACs and against throughput (log axis, IQR bars): every point labelled with its knobs,
+    95% bars on accuracy, the dense reference line, and the Pareto front of the backbone's weights (methods
+    on their own trained weights drawn hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     written = []
     item = "video" if is_video(g) else "image"
-    axes_spec = [("gmacs", f"GMACs per {item} (mean)", False),
-                 ("throughput", "throughput (clips/s)" if item == "video" else "throughput (images/s)", True)]
-    for cost, label, higher in axes_spec:
+    shared = backbone_weights(g)
+    axes_spec = [("gmacs", f"GMACs per {item} (mean)", False, None),
+                 ("throughput", "throughput (clips/s, log)" if item == "video" else "throughput (images/s, log)",
+                  True, "throughput_iqr")]
+    for cost, label, higher, spread in axes_spec:
         if g[cost].isna().all():
             continue
         data = g.assign(top1_pct=100 * g["top1"]).sort_values(cost)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        sns.lineplot(data=data[data["method"] != "none"], x=cost, y="top1_pct", hue="method", style="method",
-                     markers=True, dashes=False, sort=True, estimator=None, ax=ax)
-        front = data[pareto_front(data, cost, higher)].sort_values(cost)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for (method, weights), rows in data[data["method"] != "none"].groupby(["method", "weights"], sort=True):
+            colour, marker = style[method]
+            own = weights != shared
+            ci = np.array([accuracy_interval(r) for _, r in rows.iterrows()])
+            yerr = np.abs(ci - rows["top1_pct"].to_numpy()[:, None]).T
+            xerr = rows[spread].to_numpy() / 2 if spread else None
+            ax.errorbar(rows[cost], rows["top1_pct"], yerr=yerr, xerr=xerr, color=colour, marker=marker,
+                        markerfacecolor="white" if own else colour, linewidth=1.2, markersize=6, capsize=2,
+                        elinewidth=0.8, label=f"{method} (own weights)" if own else method)
+            for _, r in rows.iterrows():
+                ax.annotate(r["knob_text"], (r[cost], r["top1_pct"]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=6, color=colour)
+        free = data[data["weights"] == shared]
+        front = free[pareto_front(free, cost, higher)].sort_values(cost)
         ax.plot(front[cost], front["top1_pct"], drawstyle="steps-post" if not higher else "steps-pre",
-                color="grey", alpha=0.6, linewidth=2.5, zorder=0, label="Pareto front")
+                color="grey", alpha=0.5, linewidth=3, zorder=0, label="Pareto front (backbone's weights)")
         dense = data[data["method"] == "none"]
         if len(dense):
             ax.scatter(dense[cost], dense["top1_pct"], marker="*", s=250, color="black", zorder=5, label="dense")
             ax.axhline(dense["top1_pct"].iloc[-1], color="black", linestyle="--", linewidth=1)
+        if higher:
+            ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy (%), 95% interval")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
         fig.tight_layout()
         path = path_stem.with_name(f"{path_stem.name}_{cost}.png")
         fig.savefig(path, dpi=120)
@@ -191,10 +243,13 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
     if df.empty:
         raise BenchError(f"no results rows under {results_dir}")
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    style = style_of(sorted(set(all_methods()) | set(df["method"])))  # the same style on every board
     lines = ["# tokenbench leaderboard", "",
              f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "
              "as one (the papers' convention), per image, on the computation actually run; speedup is "
-             "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front; "
+             "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front of "
+             "the methods on the backbone's weights, ☆ the front of a method on its own trained weights (DVT, "
+             "DynamicViT), which never displaces the training-free methods; "
              "`noisy` marks a timing whose IQR exceeded 10% of its median (the machine was busy). Accuracy is "
              "rounded to what the image count supports; Δ top-1 is against the dense model, with the paired "
              "bootstrap 95% interval over the same images (10,000 resamples): an interval that excludes 0 is a "
@@ -211,7 +266,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
                 table.insert(2, "weights", g["weights"].map(lambda w: w.split("@")[0]))
             lines.append(table.to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
             stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
-            for path in plot_group(g, title, stem):
+            for path in plot_group(g, title, stem, style):
                 lines += ["", f"![{path.stem}](plots/{path.name})"]
             lines.append("")
     path = out_dir / "leaderboard.md"
