@@ -257,18 +257,22 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
              "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.",
              ""]
     for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
-        for model, g in backbone_tables(setting):
-            title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}"
-            weights = ", ".join(f"`{w}`" for w in g.loc[g["method"] == "none", "weights"].unique())
-            lines += [f"## {dataset} · {model}", "", settings_line(g) + f"; dense weights {weights}", ""]
-            table = group_table(g)
-            if g["weights"].nunique() > 1:
-                table.insert(2, "weights", g["weights"].map(lambda w: w.split("@")[0]))
-            lines.append(table.to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
-            stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
-            for path in plot_group(g, title, stem, style):
-                lines += ["", f"![{path.stem}](plots/{path.name})"]
-            lines.append("")
+        for model, board in backbone_tables(setting):
+            for budget, g in board.groupby(board["budget"].fillna(-1.0), sort=True):  # the sweep, then each budget
+                matched = budget >= 0
+                title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}"
+                heading = f"## {dataset} · {model}" + (f" · matched budget {budget:g} × dense" if matched else "")
+                weights = ", ".join(f"`{w}`" for w in g.loc[g["method"] == "none", "weights"].unique())
+                lines += [heading, "", settings_line(g) + f"; dense weights {weights}", ""]
+                table = group_table(g)
+                if g["weights"].nunique() > 1:
+                    table.insert(2, "weights", g["weights"].map(lambda w: w.split("@")[0]))
+                lines.append(table.to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
+                if not matched:  # plots of the sweep; a matched budget is one point per method
+                    stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
+                    for path in plot_group(g, title, stem, style):
+                        lines += ["", f"![{path.stem}](plots/{path.name})"]
+                lines.append("")
     path = out_dir / "leaderboard.md"
     path.write_text("\n".join(lines))
     return path
