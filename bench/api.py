@@ -65,7 +65,7 @@ def evaluate(model: nn.Module, dataset: str = "digits", *, split: str = "test", 
     The images go through the model's own eval preprocessing. With `timing`, throughput at the batch size
     and batch-1 latency are measured too, as the sweep does. For sweeps and resumable results, use `sweep`.
     """
-    chosen, batch_size = check_options(device, dtype, split, batch_size, repeats, None)
+    chosen, batch_size = check_options(device, dtype, split, batch_size, repeats)
     model = _ledger_ready(model).to(chosen).eval()
     backbone = getattr(model, "vit", model)
     transform = datasets.eval_transform(backbone, protocol)

@@ -295,8 +295,8 @@ def load_images(ds: DatasetInfo, transform, cache_dir: str | Path | None = None,
     if split is None or not hasattr(ds.dataset, "read"):
         if not len(ds.dataset):
             raise BenchError(f"no images in {ds.name}/{ds.split}")
-        first = next((item[0] for item in map(Readable(ds.dataset).__getitem__, range(len(ds.dataset)))
-                      if item is not None), None)
+        readable = Readable(ds.dataset)
+        first = next((item[0] for item in (readable[i] for i in range(len(readable))) if item is not None), None)
         if first is None:
             raise BenchError(f"no readable items in {ds.name}/{ds.split}")
         if len(ds.dataset) * first.numel() * first.element_size() > FLOAT_MEMORY_BYTES:

@@ -67,11 +67,15 @@ def merge(parts: list[Evaluation]) -> Evaluation:
     correct5 = sum(round(p.top5 * p.n_images) for p in parts)
     tokens = np.sum([np.asarray(p.tokens_per_block) * p.n_images for p in parts], axis=0) / n
     stats = {k: sum(p.stats[k] * p.n_images for p in parts) / n for k in parts[0].stats}
-    return Evaluation(n, correct1 / n, correct5 / n, np.concatenate([p.gmacs for p in parts]),
-                      np.concatenate([p.matmul_gmacs for p in parts]), tokens.tolist(), stats,
-                      sum(p.nonfinite for p in parts), *(None if any(getattr(p, f) is None for p in parts)
-                                                        else np.concatenate([getattr(p, f) for p in parts])
-                                                        for f in ("correct", "labels")))
+    return Evaluation(n, correct1 / n, correct5 / n, joined(parts, "gmacs"), joined(parts, "matmul_gmacs"),
+                      tokens.tolist(), stats, sum(p.nonfinite for p in parts), joined(parts, "correct"),
+                      joined(parts, "labels"))
+
+
+def joined(parts: list[Evaluation], field: str) -> np.ndarray | None:
+    """The per-image arrays `field` of the parts in rank order, or None where a part has none."""
+    arrays = [getattr(p, field) for p in parts]
+    return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
 
 def gather(evaluation: Evaluation | None, world: World) -> Evaluation | None:

@@ -22,7 +22,10 @@ from tokenbench import budget as budgets
 from tokenbench import cache, datasets, distributed, measure, models, results
 from tokenbench.data import SPLITS
 from tokenbench.errors import BenchError
+from tokenbench.limits import check_sweep_numbers
 from tokenbench.registry import Method, get_method, knob_label, knob_overrides, resolve_methods
+from tokenbench.tokens import check_vit
+
 
 def preload(dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode and preprocess every image of a torch dataset once, as (images, labels) tensors."""
@@ -82,8 +85,6 @@ def writable_folder(out: str | Path) -> Path:
 
 def reducible(model) -> bool:
     """Whether `model` is a ViT the block-level methods (and the dense baseline) wrap."""
-    from tokenbench.tokens import check_vit
-
     try:
         check_vit(model)
     except BenchError:
@@ -92,8 +93,10 @@ def reducible(model) -> bool:
 
 
 def check_options(device: str, dtype: str, split: str, batch_size: int | None, repeats: int,
-                  threads: int | None, seed: int = 0) -> tuple[torch.device, int]:
+                  threads: int | None = None, workers: int | None = None, seed: int = 0,
+                  budget: float | None = None) -> tuple[torch.device, int]:
     """(device, batch size), or a BenchError naming the bad option, before any work."""
+    check_sweep_numbers(batch_size, repeats, threads, workers, seed, budget)
     if dtype not in measure.DTYPES:
         raise BenchError(f"dtype {dtype!r}: use one of {', '.join(measure.DTYPES)}")
     if split not in SPLITS:
@@ -101,14 +104,7 @@ def check_options(device: str, dtype: str, split: str, batch_size: int | None, r
     chosen = torch.device(device)
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("device cuda, but no CUDA device is available")
-    batch_size = (256 if chosen.type == "cuda" else 32) if batch_size is None else batch_size
-    if batch_size < 1 or repeats < 1:
-        raise BenchError("the batch size and the timed repeats must be at least 1")
-    if threads is not None and threads < 1:
-        raise BenchError(f"threads {threads}: must be at least 1")
-    if not 0 <= seed < 2**63:
-        raise BenchError(f"seed {seed}: must be in [0, 2**63)")
-    return chosen, batch_size
+    return chosen, (256 if chosen.type == "cuda" else 32) if batch_size is None else batch_size
 
 
 def plan_cells(methods: dict[str, Method], backbone, model_name: str, dataset: str, checkpoint, overrides: dict,
@@ -150,7 +146,8 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     """
     names = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))
     overrides = knob_overrides(names, knobs or {})
-    chosen_device, batch_size = check_options(device, dtype, split, batch_size, repeats, threads, seed)
+    chosen_device, batch_size = check_options(device, dtype, split, batch_size, repeats, threads, workers, seed,
+                                              budget)
     if out is not None:
         writable_folder(out)
     method_objects = {name: get_method(name) for name in names}

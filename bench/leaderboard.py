@@ -85,7 +85,8 @@ def outcomes(row) -> np.ndarray | None:
 def paired(a, b) -> bool:
     """Whether two rows saw the same images in the same order (so their outcomes can be compared image by image)."""
     return (isinstance(a.get("image_key"), str) and a.get("image_key") == b.get("image_key")
-            and a["n_images"] == b["n_images"] and outcomes(a) is not None and outcomes(b) is not None)
+            and a["n_images"] == b["n_images"] and isinstance(a.get("correct_bits"), str)
+            and isinstance(b.get("correct_bits"), str))
 
 
 def delta_text(row, base, decimals: int) -> str:

@@ -142,14 +142,26 @@ class Method:
         return {k.name: k.noop for k in cls.knobs}
 
     @classmethod
-    def check_knobs(cls, given: dict[str, Any], default: str = "noop") -> dict[str, Any]:
-        """Every knob's value, checked: those `given`, the others at their no-op (or first sweep) value."""
+    def own_knobs(cls, names) -> dict[str, Knob]:
+        """This method's knobs by name, or a BenchError for a name in `names` it does not have."""
         own = {k.name: k for k in cls.knobs}
-        for name in given:
+        for name in names:
             if name not in own:
                 raise BenchError(f"{cls.name} has no knob {name!r} (its knobs: {', '.join(own) or 'none'})")
+        return own
+
+    @classmethod
+    def check_knobs(cls, given: dict[str, Any], default: str = "noop") -> dict[str, Any]:
+        """Every knob's value, checked: those `given`, the others at their no-op (or first sweep) value."""
+        cls.own_knobs(given)
         return {k.name: k.validate(given[k.name], cls.name) if k.name in given
                 else (k.noop if default == "noop" else k.sweep[0]) for k in cls.knobs}
+
+    @classmethod
+    def parse_knobs(cls, texts: dict[str, str]) -> dict[str, Any]:
+        """{knob name: value} from command-line texts, each checked by this method's own knob."""
+        own = cls.own_knobs(texts)
+        return {name: own[name].parse(text, cls.name) for name, text in texts.items()}
 
     @classmethod
     def sweep_points(cls, overrides: dict[str, tuple] | None = None) -> list[dict[str, Any]]:

@@ -83,8 +83,7 @@ def random_model(name: str, seed: int = SEED) -> nn.Module:
 
 
 def random_images(model: nn.Module, batch: int, seed: int = SEED) -> torch.Tensor:
-    size = model.pretrained_cfg.get("input_size") or (3, model.patch_embed.img_size[0], model.patch_embed.img_size[1])
-    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, *models.input_shape(model), generator=torch.Generator().manual_seed(seed))
 
 
 def select_methods(names: list[str] | None) -> dict[str, type[Method]]:

@@ -244,23 +244,29 @@ class ReducibleBlock(nn.Module):
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
+        if isinstance(decision, Gate):
+            self.account(decision, state, x.shape[-1], moved=False)
+            state.mask = decision.gate > 0.5
+            return x * decision.gate[..., None]
+        if isinstance(decision, Prune):
+            x = apply_prune(x, state, decision)
+        elif isinstance(decision, Merge):
+            x = apply_merge(x, state, decision)
+        else:
+            raise TypeError(f"{type(self.reducer).__name__} returned {type(decision).__name__}, not a Decision")
+        self.account(decision, state, x.shape[-1])
+        return x
+
+    def account(self, decision: Decision, state: TokenState, width: int, moved: bool = True) -> None:
+        """Charge what deciding cost (and a fused token's weighted sum over `width` channels) to the ledger;
+        trace the tokens' new map back to the patches when they moved."""
         ledger = active_ledger()
         if ledger is not None:
             ledger.add(decision.macs, decision.norm_macs)
-        if isinstance(decision, Prune):
-            x = apply_prune(x, state, decision)
-            if ledger is not None and decision.fuse_index is not None:  # the fused token's weighted sum
-                ledger.add(decision.fuse_index.shape[1] * x.shape[-1])
-        elif isinstance(decision, Merge):
-            x = apply_merge(x, state, decision)
-        elif isinstance(decision, Gate):
-            state.mask = decision.gate > 0.5
-            return x * decision.gate[..., None]
-        else:
-            raise TypeError(f"{type(self.reducer).__name__} returned {type(decision).__name__}, not a Decision")
-        if state.source is not None:
+            if isinstance(decision, Prune) and decision.fuse_index is not None:
+                ledger.add(decision.fuse_index.shape[1] * width)
+        if moved and state.source is not None:
             state.stages.append((self.index, state.source))
-        return x
 
     def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         blk, reducer = self.block, self.reducer
@@ -296,23 +302,20 @@ class ReducibleBlock(nn.Module):
         decision = self.reducer.decide(x, state, info)
         if not isinstance(decision, Prune) or decision.fuse_index is not None:
             raise TypeError(f"{type(self.reducer).__name__} chooses queries: it must return a Prune without fusion")
-        ledger = active_ledger()
-        if ledger is not None:
-            ledger.add(decision.macs, decision.norm_macs)
-        index, mask = prune_index(state, decision)
-        follow_tokens(state, index, mask)
-        if state.source is not None:
-            state.stages.append((self.index, state.source))
+        index = follow_prune(state, decision)
+        self.account(decision, state, x.shape[-1])
         return index
 
 
-def prune_index(state: TokenState, decision: Prune) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token indices [B, prefix + K] of a Prune, and the new mask when it gives one."""
+def follow_prune(state: TokenState, decision: Prune) -> torch.Tensor:
+    """Make `state` follow the tokens a Prune keeps; their token indices [B, prefix + K]."""
     index = with_prefix(decision.keep, state.prefix)
-    if decision.valid is None:
-        return index, None
-    valid = decision.valid
-    return index, torch.cat([valid.new_ones(valid.shape[0], state.prefix), valid], dim=1)
+    mask = None
+    if decision.valid is not None:
+        valid = decision.valid
+        mask = torch.cat([valid.new_ones(valid.shape[0], state.prefix), valid], dim=1)
+    follow_tokens(state, index, mask)
+    return index
 
 
 def apply_prune(x: torch.Tensor, state: TokenState, decision: Prune) -> torch.Tensor:
@@ -326,9 +329,7 @@ def apply_prune(x: torch.Tensor, state: TokenState, decision: Prune) -> torch.Te
             fused_size = gather_tokens(state.size, dropped).sum(1, keepdim=True)
         if state.source is not None:
             fused_source = gather_tokens(state.source, dropped).sum(1, keepdim=True)
-    index, mask = prune_index(state, decision)
-    follow_tokens(state, index, mask)
-    x = gather_tokens(x, index)
+    x = gather_tokens(x, follow_prune(state, decision))
     if fused is None:
         return x
     if state.size is not None:

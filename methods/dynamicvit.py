@@ -7,8 +7,9 @@ never drops tokens: Gumbel-softmax decisions mask the dropped tokens out of atte
 straight-through gate passes gradients to the predictor; the loss is cross-entropy plus 2 x the MSE
 between each image's kept fraction and rho^s plus 0.5 x KL to the dense model's prediction.
 Here the backbone is frozen while the predictors train (the paper fine-tunes it at 1/100 of their
-learning rate), so the dense model is its own teacher and rho = 1 reproduces the backbone exactly. The knob is the paper's
-base keep rate rho, not a per-stage fraction: stage s keeps rho^s of the original patches.
+learning rate), so the dense model is its own teacher and rho = 1 reproduces the backbone exactly.
+The knob is the paper's base keep rate rho, not a per-stage fraction: stage s keeps rho^s of the original
+patches.
 Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021
 (official code: raoyongming/DynamicViT).
 """

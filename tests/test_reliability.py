@@ -92,7 +92,7 @@ def test_bad_lines_are_skipped_named_and_never_rewritten(tmp_path, checkpoint, c
     (["--threads", "-1"], "--threads -1: must be at least 1"),
     (["--workers", "-1"], "--workers -1: must be at least 0"),
     (["--repeats", "0"], "--repeats 0: must be at least 1"),
-    (["--seed", "-1"], "seed -1: must be in [0, 2**63)"),
+    (["--seed", "-1"], "--seed -1: must be in [0, 2**63)"),
     (["--keep", ","], "topk: keep ',' gives no values"),
     (["--method", ","], "no method named in ','"),
     (["--method", "ats", "--sample-rate", "1e9"], "ats: sample_rate=1e+09 is outside (0, 16]"),
@@ -120,7 +120,7 @@ def test_an_output_path_that_is_a_file_stops_the_sweep_and_the_training(tmp_path
 
 def test_train_checks_knobs_against_the_method_it_trains(tmp_path, capsys):
     assert run("train", "--method", "tome", "--keep", "0.5", "--epochs", "1", "--out", tmp_path / "m.pt") == 2
-    assert "tome has no knob 'keep' (its knobs: inflect, r)" in capsys.readouterr().err
+    assert "tome has no knob 'keep' (its knobs: r, inflect)" in capsys.readouterr().err
     assert run("train", "--method", "evit", "--keep", "1.5", "--epochs", "1", "--out", tmp_path / "m.pt") == 2
     assert "evit: keep=1.5 is outside (0, 1]" in capsys.readouterr().err
 

@@ -6,7 +6,7 @@ The options are the keyword arguments of `tokenbench.sweep`, which does the work
 from __future__ import annotations
 
 from tokenbench.commands.options import add_knob_options, given_knobs
-from tokenbench.errors import BenchError
+from tokenbench.limits import check_sweep_numbers
 from tokenbench.registry import knob_overrides, resolve_methods
 
 DATASETS = "digits, cifar10, cifar100, imagenet, folder, moving-digits, kinetics400"
@@ -77,12 +77,7 @@ def sweep_arguments(args) -> dict:
 def check_arguments(args) -> None:
     """The errors the options alone reveal, found before torch, timm or any data are loaded."""
     knob_overrides(resolve_methods(args.method), given_knobs(args))
-    for option, value, least in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
-                                 ("--threads", args.threads, 1), ("--workers", args.workers, 0)):
-        if value is not None and value < least:
-            raise BenchError(f"{option} {value}: must be at least {least}")
-    if args.budget is not None and not 0 < args.budget <= 1:
-        raise BenchError(f"--budget {args.budget:g}: must be a fraction of the dense GMACs in (0, 1]")
+    check_sweep_numbers(args.batch_size, args.repeats, args.threads, args.workers, args.seed, args.budget)
 
 
 def run(args):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tokenbench.errors import BenchError
 from tokenbench.registry import get_method, knob_by_name
 
 
@@ -27,10 +26,4 @@ def given_knobs(args) -> dict[str, str]:
 def one_setting(method_name: str, args) -> dict:
     """One value per knob of the method: as given (checked by the method's own knob), else its first sweep value."""
     method = get_method(method_name)
-    own = {k.name: k for k in method.knobs}
-    given = given_knobs(args)
-    for name in given:
-        if name not in own:
-            raise BenchError(f"{method.name} has no knob {name!r} (its knobs: {', '.join(own) or 'none'})")
-    return method.check_knobs({name: own[name].parse(text, method.name) for name, text in given.items()},
-                              default="sweep")
+    return method.check_knobs(method.parse_knobs(given_knobs(args)), default="sweep")

@@ -36,14 +36,14 @@ def parse_cell(text: str) -> tuple[str, dict]:
     their first sweep value."""
     name, _, spec = text.partition(":")
     method = get_method(name.strip())
-    own = {k.name: k for k in method.knobs}
     given = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in own:
-            raise BenchError(f"--cell {text}: expected {name}:KNOB=V with KNOB one of {', '.join(own) or 'none'}")
-        given[key] = own[key].parse(value, method.name)
-    return method.name, method.check_knobs(given, default="sweep")
+        if not eq:
+            own = ", ".join(k.name for k in method.knobs) or "none"
+            raise BenchError(f"--cell {text}: expected {name}:KNOB=V with KNOB one of {own}")
+        given[key] = value
+    return method.name, method.check_knobs(method.parse_knobs(given), default="sweep")
 
 
 def run(args):

@@ -61,11 +61,7 @@ def check_output_file(path: str) -> None:
 def method_knobs(method, args) -> dict:
     """The knobs `method.training_loss` takes: as given (checked by this method's knobs), else its own
     default, else the middle of the sweep."""
-    given = given_knobs(args)
-    own = {k.name for k in method.knobs}
-    if set(given) - own:
-        raise BenchError(f"{method.name} has no knob {sorted(set(given) - own)[0]!r} "
-                         f"(its knobs: {', '.join(sorted(own)) or 'none'})")
+    given = method.parse_knobs(given_knobs(args))
     params = inspect.signature(method.training_loss).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     knobs = {}
@@ -73,7 +69,7 @@ def method_knobs(method, args) -> dict:
         if k.name not in params and not takes_all:
             continue
         default = params[k.name].default if k.name in params else inspect.Parameter.empty
-        knobs[k.name] = k.parse(given[k.name], method.name) if k.name in given else (
+        knobs[k.name] = given[k.name] if k.name in given else (
             default if default is not inspect.Parameter.empty else sorted(k.sweep)[len(k.sweep) // 2])
     return knobs
 
