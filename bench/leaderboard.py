@@ -8,6 +8,7 @@ their weights named. The dense baseline is the `none` row; the Pareto front mark
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tokenbench.errors import BenchError
 from tokenbench.registry import all_methods, knob_label
 from tokenbench.results import read_results_folder, rows_frame
 from tokenbench.stats import correct_from_bits, decimals_for, delta_ci, holm, mcnemar
+from tokenbench.webpage import Section, render_page
 
 SETTING = ["dataset", "device_name", "dtype", "batch_size"]
 
@@ -182,10 +184,24 @@ def accuracy_interval(row) -> tuple[float, float]:
     return 100 * ci.low, 100 * ci.high
 
 
-def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> list[Path]:
+def hover_text(row, decimals: int, unit: str) -> str:
+    """What a point says on the web page's hover: method, knobs, weights, accuracy with its interval, cost, speed."""
+    low, high = accuracy_interval(row)
+    lines = [f"{row['method']} {row['knob_text']}", f"weights {row['weights'].split('@')[0]}",
+             f"top-1 {100 * row['top1']:.{decimals}f} % (95% {low:.{decimals}f}–{high:.{decimals}f})",
+             f"{row['gmacs']:.4g} GMACs"]
+    if row["throughput"] == row["throughput"]:
+        lines.append(f"{row['throughput']:.4g} {unit}, IQR {row['throughput_iqr']:.3g}")
+    return "\n".join(lines)
+
+
+def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> list[tuple[Path, str]]:
     """Accuracy against GMACs and against throughput (log axis, IQR bars): every point labelled with its knobs,
     95% bars on accuracy, the dense reference line, and the Pareto front of the backbone's weights (methods
-    on their own trained weights drawn hollow)."""
+    on their own trained weights drawn hollow). Each plot is written as PNG and returned with its SVG text,
+    in which every point carries a hover title."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,6 +209,8 @@ def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> lis
 
     written = []
     item = "video" if is_video(g) else "image"
+    decimals = decimals_for(int(g["n_images"].max()))
+    unit = "clips/s" if item == "video" else "img/s"
     shared = backbone_weights(g)
     axes_spec = [("gmacs", f"GMACs per {item} (mean)", False, None),
                  ("throughput", "throughput (clips/s, log)" if item == "video" else "throughput (images/s, log)",
@@ -228,16 +246,27 @@ def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> lis
         ax.set_ylabel("top-1 accuracy (%), 95% interval")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="lower right", ncol=2)
+        hover = {}  # an invisible marker over every point, with a gid to hang the hover title on
+        for i, (_, r) in enumerate(data.dropna(subset=[cost]).iterrows()):
+            hover[f"tb-point-{i}"] = hover_text(r, decimals, unit)
+            ax.scatter([r[cost]], [r["top1_pct"]], s=90, alpha=0.0, zorder=10, gid=f"tb-point-{i}")
         fig.tight_layout()
         path = path_stem.with_name(f"{path_stem.name}_{cost}.png")
         fig.savefig(path, dpi=120)
+        svg = io.StringIO()
+        with matplotlib.rc_context({"svg.hashsalt": path.stem}):  # ids unique across the plots of one page
+            fig.savefig(svg, format="svg")
         plt.close(fig)
-        written.append(path)
+        text = svg.getvalue()
+        for gid, tip in hover.items():
+            text = text.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{html.escape(tip)}</title>', 1)
+        written.append((path, text))
     return written
 
 
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Regenerate `leaderboard.md` and the plots under `plots/` from every results file in `results_dir`."""
+    """Regenerate `leaderboard.md`, its plots under `plots/` and the web page `index.html` from every results
+    file in `results_dir`."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir else results_dir
     df = load_rows(results_dir)
@@ -245,8 +274,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
         raise BenchError(f"no results rows under {results_dir}")
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     style = style_of(sorted(set(all_methods()) | set(df["method"])))  # the same style on every board
-    lines = ["# tokenbench leaderboard", "",
-             f"Regenerate with `tokenbench leaderboard --results {results_dir}`. GMACs count one multiply-add "
+    command = f"tokenbench leaderboard --results {results_dir}" + (f" --out {out_dir}" if out_dir != results_dir else "")
+    intro = ("GMACs count one multiply-add "
              "as one (the papers' convention), per image, on the computation actually run; speedup is "
              "measured throughput over the dense model's in the same setting. ★ marks the GMACs Pareto front of "
              "the methods on the backbone's weights, ☆ the front of a method on its own trained weights (DVT, "
@@ -255,26 +284,34 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
              "rounded to what the image count supports; Δ top-1 is against the dense model, with the paired "
              "bootstrap 95% interval over the same images (10,000 resamples): an interval that excludes 0 is a "
              "difference beyond sampling noise. At a matched budget, `better than` names the baselines "
-             "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.",
-             ""]
+             "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.")
+    lines = ["# tokenbench leaderboard", "", f"Regenerate with `{command}`. " + intro, ""]
+    sections = []
     for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
         for model, board in backbone_tables(setting):
             for budget, g in board.groupby(board["budget"].fillna(-1.0), sort=True):  # the sweep, then each budget
                 matched = budget >= 0
                 title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}"
-                heading = f"## {dataset} · {model}" + (f" · matched budget {budget:g} × dense" if matched else "")
+                heading = f"{dataset} · {model}" + (f" · matched budget {budget:g} × dense" if matched else "")
                 weights = ", ".join(f"`{w}`" for w in g.loc[g["method"] == "none", "weights"].unique())
-                lines += [heading, "", settings_line(g) + f"; dense weights {weights}", ""]
+                settings = settings_line(g) + f"; dense weights {weights}"
+                lines += [f"## {heading}", "", settings, ""]
                 table = group_table(g)
                 if g["weights"].nunique() > 1:
                     table.insert(2, "weights", g["weights"].map(lambda w: w.split("@")[0]))
                 lines.append(table.to_markdown(index=False, floatfmt=".4g", tablefmt="github"))
+                dense = g[g["method"] == "none"]
+                section = Section(heading, settings, table, values={"top-1 %": 100 * g["top1"]},
+                                  provenance=dense.iloc[-1]["provenance"] if len(dense) else {})
                 if not matched:  # plots of the sweep; a matched budget is one point per method
                     stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
-                    for path in plot_group(g, title, stem, style):
+                    for path, svg in plot_group(g, title, stem, style):
                         lines += ["", f"![{path.stem}](plots/{path.name})"]
+                        section.plots.append(svg)
+                sections.append(section)
                 lines.append("")
+    (out_dir / "index.html").write_text(render_page("tokenbench leaderboard", intro, command, sections),
+                                        encoding="utf-8")
     path = out_dir / "leaderboard.md"
     path.write_text("\n".join(lines))
     return path
-

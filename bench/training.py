@@ -1,12 +1,15 @@
 """Training: the loop behind `tokenbench train`, used to make the embedded default checkpoints.
 
 Plain supervised training with AdamW, linear warm-up then cosine decay, label smoothing and light
-augmentation. Deterministic for a given seed on one device and thread count.
+augmentation. Deterministic for a given seed on one device and thread count. With a `state_file` the
+run saves its whole state after every epoch (weights, optimiser, data order and random streams), so an
+interrupted run resumes where it stopped and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -14,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from tokenbench.errors import BenchError
 
 
 @dataclass
@@ -48,12 +53,25 @@ def accuracy(model: nn.Module, loader: DataLoader, device="cpu") -> float:
     return correct / max(1, total)
 
 
-def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loader=None, device="cpu", log=print):
-    """Train `model` in place; `loss_fn(model, images, labels)` defaults to cross-entropy on its logits."""
+def save_state(path, model, optimizer, step, history, order: torch.Generator, identity: dict) -> None:
+    """Everything a resumed run needs, written atomically (a crash mid-write keeps the previous epoch's)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "history": history, "order": order.get_state(), "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loader=None, device="cpu", log=print,
+          state_file=None, identity: dict | None = None):
+    """Train `model` in place; `loss_fn(model, images, labels)` defaults to cross-entropy on its logits.
+
+    `state_file`: save the run's state there after every epoch and, if it exists, resume from it; its
+    recorded `identity` (the run's settings) must equal this run's.
+    """
     torch.manual_seed(cfg.seed)
     loss_fn = loss_fn or (lambda m, x, y: classification_loss(m, x, y, cfg.label_smoothing))
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=order)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -61,7 +79,18 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
     total, warmup = cfg.epochs * len(loader), cfg.warmup_epochs * len(loader)
     step, history = 0, []
     model.to(device)
-    for epoch in range(cfg.epochs):
+    if state_file is not None and os.path.exists(state_file):
+        saved = torch.load(state_file, map_location=device, weights_only=False)
+        if saved["identity"] != identity:
+            raise BenchError(f"{state_file} is a partial run with other settings ({saved['identity']}); "
+                             "rerun with those or delete it")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, history = saved["step"], saved["history"]
+        order.set_state(saved["order"])
+        torch.set_rng_state(saved["rng"])
+        log(f"resuming after epoch {len(history)} from {state_file}")
+    for epoch in range(len(history), cfg.epochs):
         model.train()
         start, running = time.perf_counter(), 0.0
         for images, labels in loader:
@@ -78,5 +107,7 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
             entry["val_top1"] = accuracy(model, val_loader, device)
         history.append(entry)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        if state_file is not None:
+            save_state(state_file, model, optimizer, step, history, order, identity)
     model.eval()
     return history

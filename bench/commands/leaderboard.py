@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    p = sub.add_parser("leaderboard", help="regenerate leaderboard.md and plots from a results folder")
+    p = sub.add_parser("leaderboard", help="regenerate leaderboard.md, plots/ and index.html from a results folder")
     p.add_argument("--results", required=True, help="folder holding results*.jsonl (searched recursively)")
-    p.add_argument("--out", default=None, help="where to write leaderboard.md and plots/ (default: --results)")
+    p.add_argument("--out", default=None, help="where to write leaderboard.md, plots/ and index.html (default: --results)")
     return p
 
 

@@ -19,6 +19,10 @@ def add_parser(sub):
     p.add_argument("--init", default=None, help="checkpoint to start from (its model replaces --model)")
     p.add_argument("--reuse", default="both", choices=list(REUSE),
                    help="dvt only: which reuse paths the cascade has (the paper's ablation)")
+    p.add_argument("--backbone", default=None,
+                   help="dvt only: start every stage from this ViT checkpoint (patch and position embeddings resampled)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run whose state is saved beside --out (OUT.partial) after every epoch")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="checkpoint file to write")
@@ -75,6 +79,8 @@ def method_knobs(method, args) -> dict:
 
 
 def run(args):
+    import os
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -85,6 +91,11 @@ def run(args):
     if args.epochs < 1:
         raise BenchError("--epochs must be at least 1")
     check_output_file(args.out)
+    state_file = f"{args.out}.partial"
+    if os.path.exists(state_file) and not args.resume:
+        raise BenchError(f"{state_file} holds an interrupted run: pass --resume to continue it, or delete it")
+    if args.backbone and args.method != "dvt":
+        raise BenchError("--backbone initialises a DVT cascade's stages: use it with --method dvt")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -99,6 +110,10 @@ def run(args):
         if args.method == "dvt":
             model_kwargs = dict(zip(("feature_reuse", "relation_reuse"), REUSE[args.reuse]))
         model = models.create(name, num_classes=probe.num_classes, **model_kwargs)
+        if args.backbone:
+            from tokenbench.methods.dvt.architecture import init_from_backbone
+
+            init_from_backbone(model, models.load_model(checkpoint=args.backbone).model)
     method = get_method(args.method) if args.method else None
     knobs = method_knobs(method, args) if method else {}
     trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
@@ -109,12 +124,15 @@ def run(args):
     cfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       warmup_epochs=args.warmup_epochs)
     loss_fn = None if loss is None else (lambda m, x, y: loss(m, x, y, cfg.label_smoothing))
-    history = training.train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device)
+    identity = {k: v for k, v in vars(args).items()  # the settings that decide the weights
+                if k not in ("resume", "threads", "device") and isinstance(v, (str, int, float, type(None)))}
+    history = training.train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device,
+                             state_file=state_file, identity=identity)
     test_top1 = training.accuracy(trainee, test_loader, args.device)
     start = ["--init", args.init] if args.init else ["--model", name]
     with_method = ["--method", args.method] if args.method else []
     if args.method == "dvt" and not args.init:
-        with_method += ["--reuse", args.reuse]
+        with_method += ["--reuse", args.reuse] + (["--backbone", args.backbone] if args.backbone else [])
     command = " ".join(["tokenbench train", *start, *with_method, *(f"{k.flag} {format_value(knobs[k.name])}" for k in (method.knobs if method else ()) if k.name in knobs),
                         f"--dataset {args.dataset}", *(["--data-root", args.data_root] if args.data_root else []),
                         f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
@@ -129,5 +147,6 @@ def run(args):
     if method is not None:
         meta.update(trained_with=args.method, knobs=knobs, init=args.init)
     models.save_checkpoint(args.out, model.cpu(), name, meta, model_kwargs)
+    os.remove(state_file)
     print(f"test top-1 {test_top1:.4f}; wrote {args.out}")
     return 0

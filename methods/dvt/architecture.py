@@ -7,7 +7,9 @@ tokens (before the final norm) into a narrow context embedding, one LayerNorm-ML
 upsampled to the new grid and concatenated into that block's MLP input (the class token gets zeros);
 *relationship reuse* mixes the pre-softmax attention logits of all upstream layers with 1x1 convs,
 upsamples them and adds one chunk to each downstream layer's logits. The cascade registers its
-architectures with timm (`dvt_digits`, `dvt_deit_small`) and records its own cost on the ledger.
+architectures with timm (`dvt_digits`, `dvt_cifar10`, `dvt_deit_small`) and records its own cost on the
+ledger. `init_from_backbone` starts every stage from one pretrained ViT, as the paper fine-tunes its
+stages from ImageNet-pretrained weights.
 """
 
 from __future__ import annotations
@@ -236,9 +238,49 @@ def build_cascade(grids: list[dict], feature_reuse: bool, relation_reuse: bool, 
     return DVTCascade(stages, feature_reuse, relation_reuse)
 
 
+@torch.no_grad()
+def init_from_backbone(cascade: DVTCascade, backbone: VisionTransformer) -> None:
+    """Start every stage from `backbone`'s weights: blocks, norms, class token and head copied, the patch
+    embedding resampled to the stage's patch size (FlexiViT's pseudo-inverse resize) and the position
+    embedding to its grid (bicubic). The reuse modules stay freshly initialised; a widened MLP (feature
+    reuse) takes the backbone's weights on its first `dim` inputs and zeros on the reuse inputs, so it
+    starts close to the backbone's MLP."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    source = backbone.state_dict()
+    old_grid = list(backbone.patch_embed.grid_size)
+    for stage in cascade.stages:
+        vit = stage.vit
+        target = vit.state_dict()
+        if vit.embed_dim != backbone.embed_dim or len(vit.blocks) != len(backbone.blocks):
+            raise BenchError(f"backbone is {len(backbone.blocks)} blocks of width {backbone.embed_dim}; the cascade's "
+                             f"stages are {len(vit.blocks)} of width {vit.embed_dim}")
+        for name, value in source.items():
+            if name == "patch_embed.proj.weight":
+                value = resample_patch_embed(value, list(vit.patch_embed.patch_size))
+            elif name == "pos_embed":
+                value = resample_abs_pos_embed(value, list(vit.patch_embed.grid_size), old_grid,
+                                               num_prefix_tokens=vit.num_prefix_tokens)
+            into = target[name]
+            if into.shape == value.shape:
+                into.copy_(value)
+            elif name.endswith(("norm2.weight", "norm2.bias", "mlp.fc1.weight")):  # widened by feature reuse
+                into.zero_()
+                if name.endswith("norm2.weight"):
+                    into.fill_(1.0)
+                into[..., :value.shape[-1]].copy_(value)
+            else:
+                raise BenchError(f"backbone weight {name} {tuple(value.shape)} does not fit the cascade's "
+                                 f"{tuple(into.shape)}")
+
+
 default_cfgs = generate_default_cfgs({
     "dvt_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
                                   classifier="head", license="apache-2.0"),
+    "dvt_cifar10.tokenbench": dict(
+        input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
+        crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
+        classifier="head", license="apache-2.0"),
     "dvt_deit_small.untrained": dict(
         input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
         num_classes=1000, first_conv="stages.0.vit.patch_embed.proj", classifier="head", license="apache-2.0"),
@@ -263,3 +305,13 @@ def dvt_digits(pretrained=False, feature_reuse=True, relation_reuse=True, **kwar
     grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
     args = dict(img_size=32, embed_dim=64, depth=4, num_heads=2, num_classes=10)
     return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_digits", **dict(args, **kwargs))
+
+
+@register_model
+def dvt_cifar10(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """vit_cifar10's width and depth (12 blocks, dim 64, 2 heads) on 4x4, 6x6, 8x8 tokens of 32x32 images."""
+    if pretrained:
+        raise BenchError("dvt_cifar10 weights ship as bench/assets/dvt_cifar10*.pt; load them with --checkpoint")
+    grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
+    args = dict(img_size=32, embed_dim=64, depth=12, num_heads=2, num_classes=10)
+    return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_cifar10", **dict(args, **kwargs))
