@@ -106,8 +106,8 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
         if val_loader is not None:
             entry["val_top1"] = accuracy(model, val_loader, device)
         history.append(entry)
-        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
         if state_file is not None:
             save_state(state_file, model, optimizer, step, history, order, identity)
+        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
     model.eval()
     return history

@@ -154,3 +154,22 @@ def test_training_lowers_the_loss_and_checkpoints_reload_exactly(tmp_path, image
     loaded = models.load_model(checkpoint=path).model
     with torch.inference_mode():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images):
+    """--backbone: every stage takes the ViT's weights (patch and position embeddings resampled); the stage on
+    the backbone's own grid, without reuse, is the backbone exactly."""
+    from tokenbench.methods.dvt.architecture import init_from_backbone
+
+    backbone = models.load_model(checkpoint=models.asset("vit_cifar10.pt")).model
+    cascade = timm.create_model("dvt_cifar10", feature_reuse=False, relation_reuse=False).eval()
+    init_from_backbone(cascade, backbone)
+    with torch.inference_mode():
+        outs = cascade.forward_exits(images)
+        assert torch.equal(outs[-1], backbone(images))
+        assert not torch.allclose(outs[0], outs[-1])
+    coarse = cascade.stages[0].vit
+    assert torch.equal(coarse.blocks[5].attn.qkv.weight, backbone.blocks[5].attn.qkv.weight)
+    assert coarse.pos_embed.shape == (1, 1 + 16, 64)
+    with pytest.raises(BenchError, match="width"):
+        init_from_backbone(timm.create_model("dvt_digits"), backbone)

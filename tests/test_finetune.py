@@ -4,11 +4,13 @@ import argparse
 import dataclasses
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from tokenbench import models
+from tokenbench import models, training
+from tokenbench.errors import BenchError
 from tokenbench.cli import main
 from conftest import train_steps
 from tokenbench.commands.train import method_knobs
@@ -45,7 +47,6 @@ def test_fine_tuning_with_a_method_trains_the_shared_backbone(tmp_path, tiny_vit
 @pytest.mark.parametrize("dataset, mirrored", [("digits", False), ("moving-digits", False), ("mirrorable-digits", True)])
 def test_training_mirrors_only_mirror_invariant_datasets(tmp_path, monkeypatch, dataset, mirrored):
     from tokenbench import data, datasets
-    from tokenbench import training
 
     def mirrorable_digits(split, transform, root=None):
         return dataclasses.replace(data.digits(split, transform, root), mirror_invariant=True)
@@ -57,3 +58,45 @@ def test_training_mirrors_only_mirror_invariant_datasets(tmp_path, monkeypatch, 
     assert main(["train", "--model", model, "--dataset", dataset, "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 0
     steps = seen[0].transform.transforms
     assert any(isinstance(t, transforms.RandomHorizontalFlip) for t in steps) == mirrored
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    """State saved after every epoch: stopping after epoch 1 and resuming ends where one run ends."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,)))
+    cfg = training.TrainConfig(epochs=3, batch_size=16, lr=1e-3, warmup_epochs=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return timm.create_model("vit_digits", depth=2)
+
+    straight = fresh()
+    training.train(straight, data, cfg, log=lambda line: None)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(line):
+        raise Interrupted
+
+    state, identity = tmp_path / "run.partial", {"lr": 1e-3}
+    resumed = fresh()
+    with pytest.raises(Interrupted):
+        training.train(resumed, data, cfg, log=stop, state_file=state, identity=identity)
+    resumed = fresh()  # a new process: nothing but the state file carries over
+    torch.manual_seed(123)
+    lines = []
+    history = training.train(resumed, data, cfg, log=lines.append, state_file=state, identity=identity)
+    assert lines[0].startswith("resuming after epoch 1") and [h["epoch"] for h in history] == [1, 2, 3]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(BenchError, match="other settings"):
+        training.train(fresh(), data, cfg, state_file=state, identity={"lr": 2e-3})
+
+
+def test_train_refuses_to_overwrite_an_interrupted_run(tmp_path, capsys):
+    (tmp_path / "m.pt.partial").write_bytes(b"state")
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
