@@ -12,6 +12,7 @@ This module imports no torch, so that listing methods and parsing arguments star
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ FAMILIES = ("none", "prune", "merge", "early-exit")
 # Options of the harness's commands. A knob becomes an option of `bench`, `profile`, `visualize` and
 # `train` under its own name, so it may not take one of these (tests/test_cli.py keeps the list complete).
 HARNESS_OPTIONS = frozenset({
-    "array_parallelism", "backbone", "batch_size", "baseline", "budget", "cache_dir", "cell", "checkpoint", "checkpoints",
-    "cluster", "command", "count", "cpus_per_task", "data_root", "dataset", "device", "dtype", "epochs",
-    "gpus_per_node", "help", "image", "images", "init", "jobs", "lr", "method", "methods", "model", "no_timing",
-    "nodes", "out", "pairs", "part", "pretrained", "protocol", "repeats", "results", "resume", "reuse", "rounds", "run",
-    "seed", "shard", "slurm_account", "slurm_partition", "snapshot", "split", "strict", "submitit",
-    "submitit_folder", "threads", "timeout_min", "tolerance", "update", "warmup", "warmup_epochs", "workers",
+    "array_parallelism", "backbone", "baseline", "batch_size", "budget", "budgets", "cache_dir", "cell",
+    "checkpoint", "checkpoints", "cluster", "command", "count", "cpus_per_task", "data_root", "dataset", "device",
+    "dtype", "epochs", "gpus_per_node", "help", "image", "images", "init", "jobs", "lr", "method", "methods",
+    "model", "no_timing", "nodes", "out", "pairs", "part", "pretrained", "protocol", "repeats", "results", "resume",
+    "reuse", "rounds", "run", "seed", "shard", "slurm_account", "slurm_partition", "snapshot", "split", "strict",
+    "submitit", "submitit_folder", "threads", "timeout_min", "tolerance", "update", "warmup", "warmup_epochs",
+    "workers",
 })
 
 
@@ -58,6 +60,12 @@ class Knob:
     high: float = math.inf
     low_inclusive: bool = False
     help: str = ""
+    choices: tuple = ()  # a knob that names a variant (DVT's exit criterion) rather than a number
+
+    def __post_init__(self):
+        if self.choices and (self.kind is not str or self.noop not in self.choices
+                             or not set(self.sweep) <= set(self.choices)):
+            raise BenchError(f"knob {self.name!r}: a choice knob has kind str and its no-op and sweep among its choices")
 
     @property
     def flag(self) -> str:
@@ -66,6 +74,10 @@ class Knob:
 
     def validate(self, value: Any, method: str) -> Any:
         """`value` as this knob's type, or a BenchError saying why it is not a valid setting of `method`."""
+        if self.choices:
+            if value not in self.choices:
+                raise BenchError(f"{method}: {self.name}={value!r} is not one of {', '.join(self.choices)}")
+            return value
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise BenchError(f"{method}: {self.name}={value!r} is not a number")
         if self.kind is int:
@@ -165,14 +177,17 @@ class Method:
 
     @classmethod
     def sweep_points(cls, overrides: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
-        """The knob settings of the default sweep (one knob varies; the others stay at their first value)."""
+        """The knob settings of a sweep: the main (first) knob over its values; every other knob at its first
+        sweep value unless given, and then over every value given (`--cost 0.2,0.3 --criterion confidence,random`
+        is four settings)."""
         overrides = overrides or {}
         if not cls.knobs:
             return [{}]
         main, *rest = cls.knobs
         values = overrides.get(main.name, main.sweep)
-        fixed = {k.name: overrides.get(k.name, k.sweep)[0] for k in rest}
-        return [{main.name: v, **fixed} for v in values]
+        others = [overrides[k.name] if k.name in overrides else k.sweep[:1] for k in rest]
+        return [{main.name: v, **dict(zip((k.name for k in rest), combo))}
+                for combo in itertools.product(*others) for v in values]
 
 
 _REGISTRY: dict[str, type[Method]] = {}

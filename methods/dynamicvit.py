@@ -108,8 +108,10 @@ class DynamicViT(Method):
     def checkpoint_for(self, model_name, dataset):
         from tokenbench.models import asset
 
-        path = asset("dynamicvit_digits.pt")
-        return path if (model_name, dataset) == ("vit_digits", "digits") and path.exists() else None
+        if (model_name, dataset) not in (("vit_digits", "digits"), ("vit_cifar10", "cifar10")):
+            return None
+        path = asset(f"dynamicvit_{dataset}.pt")
+        return path if path.exists() else None
 
     def training_loss(self, model, rho=0.7):
         """Predictors only (the backbone is frozen): CE + ratio MSE + KL to the dense model."""

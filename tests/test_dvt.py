@@ -9,7 +9,7 @@ from conftest import train_steps
 from plain_vit import without_weights
 
 from tokenbench import datasets, models
-from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.ledger import CostLedger, flop_counter_gmacs, measure_gmacs
 from tokenbench.errors import BenchError
 from tokenbench.registry import get_method
 from tokenbench.methods.dvt import EarlyExitDVT
@@ -173,3 +173,84 @@ def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images
     assert coarse.pos_embed.shape == (1, 1 + 16, 64)
     with pytest.raises(BenchError, match="width"):
         init_from_backbone(timm.create_model("dvt_digits"), backbone)
+
+
+def shipped_digits_val():
+    from tokenbench.harness import preload
+
+    loaded = models.load_model(checkpoint=get_method("dvt").checkpoint_for("vit_digits", "digits"))
+    split = {s: preload(datasets.build_dataset("digits", s, datasets.eval_transform(loaded.model)).dataset)
+             for s in ("val", "test")}
+    return loaded.model, split["val"], split["test"]
+
+
+def test_exit_criteria_at_a_budget_random_meets_it_and_confidence_beats_it():
+    """The paper's criterion ablation: random exit spends the budget (on the split its fractions were set on,
+    and within 10% on the test split); max-softmax confidence is at least as accurate at no more GMACs."""
+    model, val, test = shipped_digits_val()
+    method = get_method("dvt")
+    full = model.exit_gmacs(val[0][:1])[-1]
+    for budget in (0.25, 0.4):
+        measured = {}
+        for criterion in ("confidence", "entropy", "random"):
+            built = method.build(model, cost=budget, criterion=criterion, calibration=val)
+            ledger = measure_gmacs(built, val[0])
+            with torch.inference_mode():
+                accuracy = (built(val[0]).argmax(-1) == val[1]).float().mean().item()
+            measured[criterion] = (accuracy, ledger.gmacs.mean().item())
+            assert measured[criterion][1] <= budget * full + 1e-12, criterion
+        assert measured["random"][1] >= 0.9 * budget * full  # it spends the budget, not less
+        assert measured["confidence"][0] >= measured["random"][0]
+        assert measured["entropy"][0] >= measured["random"][0]
+        on_test = measure_gmacs(method.build(model, cost=budget, criterion="random", calibration=val), test[0])
+        assert on_test.gmacs.mean().item() == pytest.approx(budget * full, rel=0.1)
+
+
+def test_random_exit_is_seeded_per_image_not_per_batch(images):
+    model = cascade()
+    torch.manual_seed(2)
+    held_out = (torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
+    built = get_method("dvt").build(model, cost=0.5, criterion="random", calibration=held_out)
+
+    def exits(batch):
+        with CostLedger(len(batch)) as ledger:
+            built(batch)
+        return ledger.notes["exit_1"].tolist()
+
+    together = exits(images)
+    assert together == sum((exits(images[i:i + 1]) for i in range(len(images))), []) == exits(images)
+    assert set(together) == {0.0, 1.0}, "some images leave at the first exit and some go on"
+
+
+def test_criterion_is_a_checked_choice_and_sweeps_with_the_budget():
+    method = get_method("dvt")
+    with pytest.raises(BenchError, match="criterion='margin' is not one of confidence, entropy, random"):
+        method.check_knobs({"criterion": "margin"})
+    points = method.sweep_points({"cost": (0.2, 0.3), "criterion": ("confidence", "random")})
+    assert points == [{"cost": 0.2, "criterion": "confidence"}, {"cost": 0.3, "criterion": "confidence"},
+                      {"cost": 0.2, "criterion": "random"}, {"cost": 0.3, "criterion": "random"}]
+    assert method.sweep_points()[0] == {"cost": 0.15, "criterion": "confidence"}
+
+
+def test_dvt_ablation_prints_the_reuse_and_criterion_tables(capsys):
+    from tokenbench.cli import main
+
+    assert main(["dvt-ablation", "--budgets", "0.25,0.5"]) == 0
+    out = capsys.readouterr().out
+    reuse, criteria = out.split("Exit criterion:")
+    rows = {line.split("|")[1].strip(): line for line in reuse.splitlines() if line.startswith("| ") and "reuse " not in line}
+    assert {"none", "feature + relation"} <= set(rows)
+    assert "| dvt_digits_noreuse.pt |            89.26 |" in rows["none"]  # the shipped cascades' own numbers
+    assert "budget 0.25: top-1 % (GMACs)" in criteria and "budget 0.5: top-1 % (GMACs)" in criteria
+    assert [line.split("|")[1].strip() for line in criteria.splitlines()[3:]] == ["confidence", "entropy", "random"]
+
+
+def test_reuse_table_charges_reuse_over_the_cascade_without_it(images):
+    from tokenbench.methods.dvt.ablation import reuse_table
+
+    labels = torch.arange(len(images)) % 10
+    table = reuse_table({"both": cascade(), "none": cascade(feature_reuse=False, relation_reuse=False)}, images, labels)
+    assert list(table["reuse"]) == ["none", "feature + relation"] * 3
+    extra = table.set_index(["reuse", "exit"])["reuse GMACs +%"]
+    assert extra[("none", 2)] == 0 and extra[("feature + relation", 1)] == 0  # nothing to reuse at the first exit
+    assert extra[("feature + relation", 2)] > 0 and extra[("feature + relation", 3)] > 0

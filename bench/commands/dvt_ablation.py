@@ -1,9 +1,6 @@
-"""`tokenbench dvt-ablation`: DVT's reuse ablation, per-exit top-1 and cumulative GMACs of each cascade.
-
-Like the paper's table: the same cascade trained with and without feature / relationship reuse, every
-exit evaluated on every image (no early exit), with the cost of answering at that exit (stages 1..k and
-their reuse modules, from the ledger).
-"""
+"""`tokenbench dvt-ablation`: DVT's reuse ablation (per-exit top-1 and GMACs of each cascade) and its
+exit-criterion comparison (test top-1 at GMACs budgets per criterion); the tables are
+`tokenbench.methods.dvt.ablation`'s."""
 
 from __future__ import annotations
 
@@ -11,66 +8,73 @@ from pathlib import Path
 
 from tokenbench.errors import BenchError
 
-ASSET_GLOB = "dvt_digits*.pt"
-
 
 def add_parser(sub):
-    p = sub.add_parser("dvt-ablation", help="DVT with and without feature / relationship reuse: per-exit top-1, GMACs")
-    p.add_argument("checkpoints", nargs="*", help=f"DVT checkpoints (default: the shipped {ASSET_GLOB})")
+    p = sub.add_parser("dvt-ablation", help="DVT: per-exit top-1 and GMACs with and without reuse; exit criteria at budgets")
+    p.add_argument("checkpoints", nargs="*", help="DVT checkpoints (default: the shipped dvt_DATASET*.pt)")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split the tables report")
+    p.add_argument("--budgets", default="0.2,0.3,0.4,0.6",
+                   help="criterion table: GMACs budgets as fractions of running every exit (thresholds from val)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return p
 
 
-def reuse_label(cascade) -> str:
-    names = [n for n, on in (("feature", cascade.feature_reuse), ("relation", cascade.relation_reuse)) if on]
-    return " + ".join(names) or "none"
-
-
-def exit_accuracy(cascade, images, labels, batch_size=256) -> list[float]:
-    import torch
-
-    hits = None
-    with torch.inference_mode():
-        for i in range(0, len(labels), batch_size):
-            outs = cascade.forward_exits(images[i:i + batch_size])
-            batch = [(o.argmax(-1) == labels[i:i + batch_size]).sum().item() for o in outs]
-            hits = batch if hits is None else [a + b for a, b in zip(hits, batch)]
-    return [h / len(labels) for h in hits]
+def markdown(table) -> str:
+    return table.to_markdown(index=False, tablefmt="github")
 
 
 def run(args):
+    import pandas as pd
     import torch
-    from tabulate import tabulate
 
     from tokenbench import datasets, models
-    from tokenbench.methods.dvt.architecture import DVTCascade
     from tokenbench.harness import preload
+    from tokenbench.methods.dvt.ablation import criterion_table, reuse_label, reuse_table
+    from tokenbench.methods.dvt.architecture import DVTCascade
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [Path(p) for p in args.checkpoints] or models.shipped(ASSET_GLOB)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise BenchError(f"--budgets {args.budgets!r}: give fractions like 0.2,0.3,0.4,0.6") from None
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise BenchError(f"--budgets {args.budgets!r}: each budget is a fraction in (0, 1]")
+    pattern = f"dvt_{args.dataset.replace('-', '_')}*.pt"
+    paths = [Path(p) for p in args.checkpoints] or models.shipped(pattern)
     if not paths:
-        raise BenchError(f"no DVT checkpoints given and none shipped matching {ASSET_GLOB}")
-    rows, split = [], None
+        raise BenchError(f"no DVT checkpoints given and none shipped matching {pattern}")
+    cascades = {}
     for path in paths:
         loaded = models.load_model(checkpoint=path)
-        cascade = loaded.model
-        if not isinstance(cascade, DVTCascade):
+        if not isinstance(loaded.model, DVTCascade):
             raise BenchError(f"{path} holds {loaded.name}, not a DVT cascade")
-        if split is None:
-            ds = datasets.build_dataset(args.dataset, args.split, datasets.eval_transform(cascade), args.data_root)
-            split = preload(ds.dataset)
-        images, labels = split
-        accs = exit_accuracy(cascade, images, labels)
-        gmacs = cascade.exit_gmacs(images[:1])
-        row = {"reuse": reuse_label(cascade), "checkpoint": path.name}
-        for k, (acc, g) in enumerate(zip(accs, gmacs), 1):
-            row[f"exit {k} top-1 %"] = round(100 * acc, 2)
-            row[f"exit {k} GMACs"] = round(float(g), 5)
-        rows.append(row)
-    print(f"{args.dataset}/{args.split}, {len(split[1])} images; GMACs are cumulative (stages 1..k with reuse)")
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+        cascades[path.name] = loaded.model
+    first = next(iter(cascades.values()))
+    splits = {s: preload(datasets.build_dataset(args.dataset, s, datasets.eval_transform(first), args.data_root).dataset)
+              for s in dict.fromkeys(["val", args.split])}
+    images, labels = splits[args.split]
+
+    table = reuse_table(cascades, images, labels)
+    table = table.round({"top-1 %": 2, "GMACs": 5, "reuse GMACs +%": 1})
+    measures = ["top-1 %", "GMACs", "reuse GMACs +%"]
+    wide = table.pivot_table(index=["reuse", "checkpoint"], columns="exit", values=measures, sort=False)
+    wide = wide[[(what, k) for k in sorted(table["exit"].unique()) for what in measures]]
+    wide.columns = [f"exit {k} {what}" for what, k in wide.columns]
+    wide = wide.reset_index()
+    print(f"Reuse ablation: {args.dataset}/{args.split}, {len(labels)} images, every image answered at every exit; "
+          "GMACs are cumulative (stages 1..k with reuse), +% over the cascade without reuse")
+    print(markdown(wide))
+
+    main = next((c for c in cascades.values() if reuse_label(c) == "feature + relation"), first)
+    criteria = criterion_table(main, splits["val"], splits[args.split], budgets)
+    criteria["cell"] = [f"{a:.2f} ({g:.4g})" for a, g in zip(criteria["top-1 %"], criteria["GMACs"])]
+    shaped = criteria.pivot(index="criterion", columns="budget", values="cell").reindex(criteria["criterion"].unique())
+    shaped.columns = [f"budget {b:g}: top-1 % (GMACs)" for b in shaped.columns]
+    name = next(n for n, c in cascades.items() if c is main)
+    print(f"\nExit criterion: {name}, thresholds solved on {args.dataset}/val under each budget (a fraction of "
+          f"running every exit, {main.exit_gmacs(images[:1])[-1]:.4g} GMACs), then {args.dataset}/{args.split}")
+    print(markdown(pd.DataFrame(shaped).reset_index()))
     return 0

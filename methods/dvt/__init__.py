@@ -10,7 +10,10 @@ upsampled to the new grid and concatenated into that block's MLP input (the clas
 upsamples them and adds one chunk to each downstream layer's logits. Training sums cross-entropy over
 all exits. At inference an image leaves at the first exit whose max softmax reaches that exit's
 threshold (the last exit always answers); only images still running go on. Thresholds maximise
-accuracy under a GMACs budget on a held-out split.
+accuracy under a GMACs budget on a held-out split. The `criterion` knob swaps the max softmax for the
+paper's ablation alternatives: normalised entropy (thresholds searched the same way) or a random exit
+(a seeded draw per image; its exit fractions follow the paper's pi_k ~ q^k family at the q that meets the
+budget on the held-out split, never chosen by accuracy).
 Wang et al., "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image
 Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Transformer).
 """
@@ -26,22 +29,23 @@ import torch.nn.functional as F
 from tokenbench.errors import BenchError
 from tokenbench.registry import Knob, Method, register_method
 
-from .thresholds import exit_outputs, search_thresholds
+from .thresholds import CRITERIA, exit_outputs, family_thresholds, search_thresholds
 
 if TYPE_CHECKING:
     from .architecture import DVTCascade
 
 
 class EarlyExitDVT(nn.Module):
-    """A cascade with fixed exit thresholds: what the harness measures."""
+    """A cascade with fixed exit thresholds on an exit criterion: what the harness measures."""
 
-    def __init__(self, cascade: DVTCascade, thresholds):
+    def __init__(self, cascade: DVTCascade, thresholds, criterion: str = "confidence"):
         super().__init__()
         self.cascade = cascade
         self.thresholds = [float(t) for t in thresholds]
+        self.criterion = criterion
 
     def forward(self, images):
-        return self.cascade(images, self.thresholds)
+        return self.cascade(images, self.thresholds, self.criterion)
 
 
 @register_method
@@ -52,29 +56,38 @@ class DVT(Method):
     needs_calibration = True
     knobs = (Knob("cost", (0.15, 0.2, 0.25, 0.3, 0.4, 1.0), noop=1.0, low=0.0, high=1.0,
                   help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
-                       "running every exit (1 = no early exit)"),)
+                       "running every exit (1 = no early exit)"),
+             Knob("criterion", ("confidence",), noop="confidence", kind=str, choices=CRITERIA,
+                  help="DVT: what decides an early exit: confidence (the paper's max softmax), entropy, or random "
+                       "(a seeded draw per image at exit fractions that meet the budget; the paper's baseline)"))
     summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
 
-    def build(self, model, cost=1.0, calibration=None):
+    def build(self, model, cost=1.0, criterion="confidence", calibration=None):
         from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
 
         if not isinstance(model, DVTCascade):
             raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
         if cost >= 1.0:
-            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1))
+            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1), criterion)
         if calibration is None:
             raise BenchError("dvt needs a held-out split to choose its exit thresholds")
         images, labels = calibration
         costs = model.exit_gmacs(images[:1])
-        confidence, correct = exit_outputs(model, images, labels)
-        thresholds = search_thresholds(confidence, correct, costs, cost * costs[-1])
-        return EarlyExitDVT(model, thresholds)
+        scores, correct = exit_outputs(model, images, labels, criterion)
+        if criterion == "random":  # exit fractions from the cost alone: accuracy must not choose them
+            thresholds = family_thresholds(scores, costs, cost * costs[-1])
+        else:
+            thresholds = search_thresholds(scores, correct, costs, cost * costs[-1])
+        return EarlyExitDVT(model, thresholds, criterion)
 
     def checkpoint_for(self, model_name, dataset):
         from tokenbench.models import asset
 
-        path = asset("dvt_digits.pt")
-        return path if dataset == "digits" and model_name in ("vit_digits", "dvt_digits") and path.exists() else None
+        shipped = {"digits": ("vit_digits", "dvt_digits"), "cifar10": ("vit_cifar10", "dvt_cifar10")}
+        if model_name not in shipped.get(dataset, ()):
+            return None
+        path = asset(f"dvt_{dataset}.pt")  # the cascade with both reuses, on the backbone's width and depth
+        return path if path.exists() else None
 
     def training_loss(self, model):
         """The paper's loss: cross-entropy summed over all exits."""

@@ -33,6 +33,8 @@ from tokenbench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs,
                                norm_macs_per_token)
 from tokenbench.tokens import Need, run_attention
 
+from .thresholds import exit_score
+
 
 class PaddedPatchEmbed(PatchEmbed):
     """A patch conv with symmetric zero padding, so grids that do not divide the image still cover it."""
@@ -175,8 +177,9 @@ class DVTCascade(nn.Module):
             outputs.append(logits)
         return outputs
 
-    def forward(self, images: torch.Tensor, thresholds=None) -> torch.Tensor:
-        """Early exit: an image leaves at the first exit whose max softmax >= its threshold.
+    def forward(self, images: torch.Tensor, thresholds=None, criterion: str = "confidence") -> torch.Tensor:
+        """Early exit: an image leaves at the first exit whose score (by default its max softmax; see
+        `thresholds.exit_score`) reaches that exit's threshold.
 
         `thresholds` has one value per exit but the last (which always answers); None runs every stage.
         Only the images still running go to the next stage; the ledger records each image's own stages.
@@ -195,7 +198,7 @@ class DVTCascade(nn.Module):
                 if k == last or thresholds is None:
                     leave = torch.full_like(running, k == last, dtype=torch.bool)
                 else:
-                    leave = logits.float().softmax(-1).amax(-1) >= thresholds[k]
+                    leave = exit_score(logits, images[running], criterion) >= thresholds[k]
                 if ledger is not None:
                     ledger.note(f"exit_{k + 1}", leave)
             if out is None:

@@ -1,9 +1,22 @@
-"""DVT's exit thresholds: the ones that maximise accuracy on held-out images under a GMACs budget."""
+"""DVT's exit criteria and thresholds: the ones that maximise accuracy on held-out images under a GMACs budget.
+
+An exit scores each image in [0, 1] and the image leaves when its score reaches the exit's threshold:
+`confidence` is the paper's max softmax, `entropy` is one minus the prediction's entropy over log(classes),
+and `random` is a draw per image that ignores the prediction (the paper's random-exit baseline). The draw
+is a keyed hash of the image's bytes, so it is seeded, the same at every exit, and an image's exit does not
+depend on the other images in its batch.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import torch
+
+CRITERIA = ("confidence", "entropy", "random")
+RANDOM_KEY = b"tokenbench-dvt-random-exit-0"  # the seed of random exit
 
 from tokenbench.errors import BenchError
 
@@ -29,6 +42,37 @@ def proportion_thresholds(confidence: np.ndarray, q: float) -> np.ndarray:
         thresholds.append(t)
         running &= confidence[k] < t
     return np.array(thresholds)
+
+
+def exit_score(logits: torch.Tensor, images: torch.Tensor, criterion: str) -> torch.Tensor:
+    """[B] score in [0, 1] of each image at an exit; higher means leave sooner."""
+    if criterion == "confidence":
+        return logits.float().softmax(-1).amax(-1)
+    if criterion == "entropy":
+        logp = logits.float().log_softmax(-1)
+        return 1 - (-(logp.exp() * logp).sum(-1)) / math.log(logits.shape[-1])
+    if criterion == "random":
+        draws = [int.from_bytes(hashlib.blake2b(im.cpu().contiguous().numpy().tobytes(), digest_size=8,
+                                                key=RANDOM_KEY).digest(), "little") for im in images]
+        return 1 - torch.tensor(draws, dtype=torch.float64, device=logits.device) / 2.0**64  # 1 - u, u in [0, 1)
+    raise BenchError(f"unknown exit criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+
+
+def family_thresholds(scores: np.ndarray, exit_costs: np.ndarray, budget: float) -> np.ndarray:
+    """The paper's exit proportions pi_k ~ q^k with the largest q whose mean cost on these images is within
+    `budget` (bisection on log q): how random exit picks its exit fractions, without looking at accuracy."""
+    def cost(log_q):
+        return exit_costs[exit_choice(scores, proportion_thresholds(scores, math.exp(log_q)))].mean()
+
+    if cost(-20.0) > budget + 1e-12:
+        raise BenchError(f"budget {budget:.4g} GMACs is below the first exit's cost ({exit_costs[0]:.4g} GMACs)")
+    low, high = -20.0, 20.0
+    if cost(high) <= budget + 1e-12:
+        return proportion_thresholds(scores, math.exp(high))
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) <= budget + 1e-12 else (low, mid)
+    return proportion_thresholds(scores, math.exp(low))
 
 
 def search_thresholds(confidence: np.ndarray, correct: np.ndarray, exit_costs: np.ndarray, budget: float,
@@ -65,13 +109,14 @@ def search_thresholds(confidence: np.ndarray, correct: np.ndarray, exit_costs: n
 
 
 @torch.inference_mode()
-def exit_outputs(cascade, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
-    """[K, n] max-softmax confidence and correctness of every exit on held-out images."""
-    conf, correct = [], []
+def exit_outputs(cascade, images: torch.Tensor, labels: torch.Tensor, criterion: str = "confidence",
+                 batch_size: int = 256):
+    """[K, n] exit scores by `criterion` and correctness of every exit on held-out images."""
+    scores, correct = [], []
     cascade.eval()
     for i in range(0, len(labels), batch_size):
-        probs = torch.stack(cascade.forward_exits(images[i:i + batch_size])).float().softmax(-1)
-        top, pred = probs.max(-1)
-        conf.append(top)
-        correct.append(pred == labels[i:i + batch_size])
-    return torch.cat(conf, 1).numpy(), torch.cat(correct, 1).numpy()
+        batch = images[i:i + batch_size]
+        outs = cascade.forward_exits(batch)
+        scores.append(torch.stack([exit_score(o, batch, criterion).double() for o in outs]))
+        correct.append(torch.stack([o.argmax(-1) == labels[i:i + batch_size] for o in outs]))
+    return torch.cat(scores, 1).cpu().numpy(), torch.cat(correct, 1).cpu().numpy()
