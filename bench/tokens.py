@@ -32,6 +32,7 @@ class Need(enum.Flag):
     KEYS = enum.auto()
     VALUES = enum.auto()
     LOGITS = enum.auto()  # the full pre-softmax N x N map (forces the unfused path)
+    RECEIVED = enum.auto()  # BEFORE_BLOCK only: the attention each token received in the previous block
 
 
 class Position(enum.Enum):
@@ -50,10 +51,16 @@ class TokenState:
     `mask` [B, N] bool: which tokens are real when images keep different numbers (None: all real).
     `source` [B, N, P]: which input patches each token stands for, kept only when tracing.
     `class_token`: False for models without one (VideoMAE), where `cls_attn` is a substitute (see `run_attention`).
+    `proportional_attention`: whether sizes bias attention (ToMe); methods that track sizes only to weight
+    their merges (PiToMe) or none at all (ToFu) turn it off.
+    `received` [B, N]: the attention each token received in the last block that was asked for it (summed over
+    heads and queries), for a `Need.RECEIVED` reducer of the next block.
     """
 
     prefix: int
     class_token: bool = True
+    proportional_attention: bool = True
+    received: torch.Tensor | None = None
     size: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     source: torch.Tensor | None = None
@@ -69,6 +76,7 @@ class AttentionInfo:
     """What a reducer may ask the attention of its block to return."""
 
     cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token), or its substitute
+    received: torch.Tensor | None = None  # [B, N] attention received in the previous block (Need.RECEIVED)
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
@@ -102,13 +110,19 @@ class Merge(Decision):
     """Merge tokens: the output is the tokens at `kept` ([B, K] token indices, prefix included, in output
     order), and each token at `merged` ([B, M] token indices) is added into output position `into` ([B, M]).
 
-    Every output token becomes the size-weighted mean of the tokens it absorbed and its size their sum, so
-    later blocks give it proportionally more attention (log size on its attention logits).
+    Every output token becomes the weighted mean of the tokens it absorbed, sum(w x) / (sum(w) + eps), with
+    weights `weight` ([B, N] per token) or, by default, the tokens' sizes (ToMe); sizes add up either way, so
+    with proportional attention later blocks give a merged token more attention (log size on its logits).
+    `mlerp` (ToFu): rescale each output token to the largest norm among the tokens it absorbed, dividing by
+    the norm its kept token had before merging (the official code's form).
     """
 
     kept: torch.Tensor
     merged: torch.Tensor
     into: torch.Tensor
+    weight: torch.Tensor | None = None
+    eps: float = 0.0
+    mlerp: bool = False
 
 
 @dataclass(kw_only=True)
@@ -137,7 +151,7 @@ class TokenReducer(nn.Module):
 def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive attention bias from token state: log(size) on keys (proportional attention), -inf on padding."""
     bias = None
-    if state.size is not None:
+    if state.size is not None and state.proportional_attention:
         bias = state.size.log()[:, None, None, :, 0].to(dtype)
     if state.mask is not None:
         pad = torch.zeros(state.mask.shape, dtype=dtype, device=state.mask.device)
@@ -239,6 +253,7 @@ class ReducibleBlock(nn.Module):
         self.index = index
         self.reducer = reducer
         self.cost = BlockCost.of(block)
+        self.exports_received = False  # set when the next block's reducer needs `Need.RECEIVED`
 
     def apply_decision(self, x: torch.Tensor, state: TokenState, decision: Decision | None) -> torch.Tensor:
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
@@ -272,13 +287,17 @@ class ReducibleBlock(nn.Module):
         blk, reducer = self.block, self.reducer
         position = reducer.position if reducer is not None else None
         if position is Position.BEFORE_BLOCK:
-            x = self.apply_decision(x, state, reducer.decide(x, state, AttentionInfo()))
+            x = self.apply_decision(x, state, reducer.decide(x, state, AttentionInfo(received=state.received)))
         n_attn = state.valid_counts(x)
         needs = reducer.needs if position in (Position.AFTER_ATTENTION, Position.QUERIES) else Need.NOTHING
+        if self.exports_received:
+            needs = needs | Need.LOGITS
         selecting = position is Position.QUERIES
         select = (lambda info: self.select_queries(x, state, info)) if selecting else None
         bias = attention_bias(state, x.dtype)
         attn_out, info, query_index = run_attention(blk.attn, blk.norm1(x), bias, needs, select, state)
+        if self.exports_received:
+            state.received = info.logits.softmax(dim=-1).sum(dim=(1, 2))
         if selecting:
             x = gather_tokens(x, query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
@@ -354,11 +373,20 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
         out.view(-1, *t.shape[2:]).index_put_((into,), sources, accumulate=True)
         return out
 
-    weighted = x if state.size is None else x * state.size
-    state.size = merge(torch.ones_like(x[..., :1]) if state.size is None else state.size)
+    size = torch.ones_like(x[..., :1]) if state.size is None else state.size
+    weight = size if decision.weight is None else decision.weight[..., None].to(x.dtype)
+    out = merge(x * weight if decision.weight is not None or state.size is not None else x)
+    total = merge(weight)
+    state.size = total if decision.weight is None else merge(size)
     if state.source is not None:
         state.source = merge(state.source)
-    return merge(weighted) / state.size
+    out = out / (total + decision.eps) if decision.eps else out / total
+    if decision.mlerp:
+        norms = x.norm(dim=-1)
+        largest = norms.gather(1, decision.kept)
+        largest.view(-1).scatter_reduce_(0, into, norms.gather(1, decision.merged).flatten(), "amax")
+        out = out * (largest / norms.gather(1, decision.kept))[..., None]
+    return out
 
 
 def check_vit(model: nn.Module) -> None:
@@ -384,7 +412,8 @@ class TokenReducedViT(nn.Module):
     exactly (same kernels in the same order), which the conformance tests check for every method.
     """
 
-    def __init__(self, vit: nn.Module, reducers: dict[int, TokenReducer] | None = None):
+    def __init__(self, vit: nn.Module, reducers: dict[int, TokenReducer] | None = None,
+                 proportional_attention: bool = True):
         super().__init__()
         check_vit(vit)
         reducers = reducers or {}
@@ -393,7 +422,14 @@ class TokenReducedViT(nn.Module):
             if not 0 <= i < depth:
                 raise BenchError(f"reduction at block {i}, but the model has {depth} blocks")
         self.vit = vit
+        self.proportional_attention = proportional_attention
         self.blocks = nn.ModuleList(ReducibleBlock(b, i, reducers.get(i)) for i, b in enumerate(vit.blocks))
+        for i, reducer in reducers.items():
+            if Need.RECEIVED in reducer.needs:
+                if reducer.position is not Position.BEFORE_BLOCK or i == 0 or reducers.get(i - 1) is not None:
+                    raise BenchError(f"block {i}: Need.RECEIVED is for a BEFORE_BLOCK reducer after a block that "
+                                     "does not reduce (its attention must match this block's input)")
+                self.blocks[i - 1].exports_received = True
         self._trace = False
         self._embed_macs = embed_macs(vit.patch_embed)
         self._final_norm = norm_macs_per_token(vit.norm)
@@ -427,7 +463,8 @@ class TokenReducedViT(nn.Module):
     def _forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        state = TokenState(prefix=vit.num_prefix_tokens, class_token=vit.cls_token is not None)
+        state = TokenState(prefix=vit.num_prefix_tokens, class_token=vit.cls_token is not None,
+                           proportional_attention=self.proportional_attention)
         if self._trace:
             patches = x.shape[1] - state.prefix
             eye = torch.eye(patches, device=x.device)
