@@ -14,6 +14,7 @@ FlopCounterMode, which sees real runtime shapes.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -178,14 +179,19 @@ def flop_counter_gmacs(model: nn.Module, images: torch.Tensor) -> float:
     """Total GMACs of one forward by torch's FlopCounterMode, with the CPU SDPA kernel counted.
 
     FlopCounterMode counts 2 FLOPs per multiply-add and has no formula for the CPU flash-attention kernel
-    (pytorch#195460), so we map it to the generic SDPA formula and halve the total.
+    (pytorch#195460) nor for `cdist` (the clustering methods' distances; a matrix product inside), so we
+    give both theirs and halve the total.
     """
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_sdpa(q_shape, k_shape, v_shape, *args, **kwargs):
         return sdpa_flop_count(q_shape, k_shape, v_shape)
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    def cdist(x1_shape, x2_shape, *args, **kwargs):  # [..., P, C] x [..., R, C]: P R C multiply-adds
+        return 2 * math.prod(x1_shape[:-1]) * x2_shape[-2] * x1_shape[-1]
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               torch.ops.aten._euclidean_dist: cdist, torch.ops.aten._cdist_forward: cdist}
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(images)
     return counter.get_total_flops() / 2 / 1e9

@@ -121,7 +121,7 @@ class Merge(Decision):
     merged: torch.Tensor
     into: torch.Tensor
     weight: torch.Tensor | None = None
-    eps: float = 0.0
+    eps: float | torch.Tensor = 0.0  # or [B, K], one per output token
     mlerp: bool = False
 
 
@@ -297,7 +297,7 @@ class ReducibleBlock(nn.Module):
         bias = attention_bias(state, x.dtype)
         attn_out, info, query_index = run_attention(blk.attn, blk.norm1(x), bias, needs, select, state)
         if self.exports_received:
-            state.received = info.logits.softmax(dim=-1).sum(dim=(1, 2))
+            state.received = info.logits.softmax(dim=-1).sum(dim=1).sum(dim=1)  # over heads, then queries
         if selecting:
             x = gather_tokens(x, query_index)
         x = x + blk.drop_path1(blk.ls1(attn_out))
@@ -380,7 +380,11 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     state.size = total if decision.weight is None else merge(size)
     if state.source is not None:
         state.source = merge(state.source)
-    out = out / (total + decision.eps) if decision.eps else out / total
+    eps = decision.eps
+    if isinstance(eps, torch.Tensor):
+        out = out / (total + eps[..., None].to(total.dtype))
+    else:
+        out = out / (total + eps) if eps else out / total
     if decision.mlerp:
         norms = x.norm(dim=-1)
         largest = norms.gather(1, decision.kept)
@@ -561,6 +565,12 @@ class KeepRateReducer(TokenReducer):
 def keep_count(keep_rate: float, n: int) -> int:
     """EViT's rule: ceil(keep_rate * n) of the n current patch tokens (n includes an earlier fused token)."""
     return min(n, math.ceil(keep_rate * n))
+
+
+def stage_counts(n_patches: int, keep_rate: float, stages: int = 3) -> list[int]:
+    """Tokens kept at each reduction stage by the clustering methods' rule (TokenReduction, ATC):
+    int(n_patches * keep_rate ** s) for s = 1, 2, 3, always of the original patches (0.7 of 196: 137, 96, 67)."""
+    return [max(1, int(n_patches * keep_rate ** (s + 1))) for s in range(stages)]
 
 
 def default_reduction_blocks(depth: int) -> tuple[int, ...]:

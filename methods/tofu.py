@@ -45,7 +45,7 @@ class ToFu(Method):
     name = "tofu"
     family = "merge"
     knobs = (
-        Knob("r", (4, 8, 13, 16), noop=0, kind=int, low=0, low_inclusive=True,
+        Knob("r", (4, 8, 13, 16, 20), noop=0, kind=int, low=0, low_inclusive=True,
              help="tokens pruned or fused per block (ToFu)"),
         Knob("inflect", (0.0,), noop=0.0, kind=float, low=-1.0, high=1.0, low_inclusive=True,
              help="ToFu's r schedule, as ToMe's: 0 constant, -1 decreasing from 2r to 0, 1 increasing"),

@@ -10,7 +10,7 @@ equivalent checks. Every other method must accept any timm ViT.
 import pytest
 import torch
 
-from tokenbench.ledger import measure_gmacs
+from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
 from tokenbench.registry import all_methods, get_method
 
 BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
@@ -75,6 +75,19 @@ def test_an_image_s_result_does_not_depend_on_its_batch(name, tiny_vit, digit_im
         together = logits(model, images)
         alone = torch.cat([logits(model, images[i:i + 1]) for i in range(len(images))])
         torch.testing.assert_close(alone, together, rtol=0, atol=1e-10, msg=f"{name} {knobs}")
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_the_ledger_charges_every_matmul_torch_counts(name, tiny_vit, digit_images):
+    """The GMACs ledger's matrix products equal torch's FlopCounterMode on the same forward, at every point
+    of the default sweep (the ledger adds only what the counter cannot see: norms)."""
+    method = get_method(name)
+    for knobs in method.sweep_points():
+        torch.manual_seed(0)
+        model = method.build(tiny_vit, **knobs)
+        counted = measure_gmacs(model, digit_images[:1]).matmul_gmacs.item()
+        torch.manual_seed(0)
+        assert counted == pytest.approx(flop_counter_gmacs(model, digit_images[:1]), rel=1e-9), knobs
 
 
 def test_random_differs_from_topk_and_across_seeds(tiny_vit, digit_images):
