@@ -41,6 +41,7 @@ class Position(enum.Enum):
     AFTER_ATTENTION = "after attention and its residual, before the MLP"  # EViT, top-k, ToMe
     QUERIES = "inside attention: which tokens are computed as queries"  # ATS
     BEFORE_BLOCK = "before the block, from its input"  # DynamicViT
+    ONE_STEP_AHEAD = "at the start of the block, from its own attention map, which is merged too"  # MCTF
 
 
 @dataclass
@@ -77,6 +78,7 @@ class AttentionInfo:
 
     cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token), or its substitute
     received: torch.Tensor | None = None  # [B, N] attention received in the previous block (Need.RECEIVED)
+    weights: torch.Tensor | None = None  # [B, H, N, N] softmax attention map (ONE_STEP_AHEAD reducers)
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
@@ -286,6 +288,8 @@ class ReducibleBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         blk, reducer = self.block, self.reducer
         position = reducer.position if reducer is not None else None
+        if position is Position.ONE_STEP_AHEAD:
+            return self.forward_one_step_ahead(x, state)
         if position is Position.BEFORE_BLOCK:
             x = self.apply_decision(x, state, reducer.decide(x, state, AttentionInfo(received=state.received)))
         n_attn = state.valid_counts(x)
@@ -315,6 +319,45 @@ class ReducibleBlock(nn.Module):
         if state.mask is not None:
             x = x * state.mask[..., None]
         return x
+
+    def forward_one_step_ahead(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """MCTF's block: the attention map of the unreduced tokens (queries and keys only) decides a Merge;
+        the map is merged with the tokens (merged keys' probabilities add up, merged queries' rows are
+        averaged with the Merge's weights), values come from the merged tokens, and the rest of the block
+        runs on them. Costs: LN1 and Q, K on the tokens before, QK^T on them; V, AV, proj, MLP after."""
+        blk, attn = self.block, self.block.attn
+        if state.mask is not None:
+            raise BenchError("one-step-ahead merging needs every image to keep the same number of tokens")
+        B, n_in, C = x.shape
+        width = attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        qk = F.linear(blk.norm1(x), weight[:2 * width], None if bias is None else bias[:2 * width])
+        q, k = qk.reshape(B, n_in, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        attn_bias = attention_bias(state, x.dtype)
+        if attn_bias is not None:
+            logits = logits + attn_bias
+        weights = logits.softmax(dim=-1)
+        decision = self.reducer.decide(x, state, AttentionInfo(weights=weights))
+        if decision is not None:
+            if not isinstance(decision, Merge) or decision.weight is None:
+                raise TypeError(f"{type(self.reducer).__name__} decides one step ahead: it must return a weighted Merge")
+            weights = merge_attention_map(weights, decision)
+            x = self.apply_decision(x, state, decision)
+        n = x.shape[1]
+        v = F.linear(blk.norm1(x), weight[2 * width:], None if bias is None else bias[2 * width:])
+        v = v.reshape(B, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+        out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(B, n, width)
+        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+        ledger = active_ledger()
+        if ledger is not None:
+            cost = self.cost  # everything on the merged tokens, then what ran on the tokens before instead
+            ledger.add_block(cost, n, n)
+            qk_share = cost.attn_linear * 2 // 3
+            extra_norm = cost.attn_norm * n_in
+            ledger.add(extra_norm + qk_share * (n_in - n) + cost.attn_pair // 2 * (n_in * n_in - n * n), extra_norm)
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def select_queries(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> torch.Tensor:
         """[B, K] token indices a QUERIES reducer keeps (prefix included); `state` follows them."""
@@ -391,6 +434,20 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
         largest.view(-1).scatter_reduce_(0, into, norms.gather(1, decision.merged).flatten(), "amax")
         out = out * (largest / norms.gather(1, decision.kept))[..., None]
     return out
+
+
+def merge_attention_map(weights: torch.Tensor, decision: Merge) -> torch.Tensor:
+    """[B, H, N, N] attention probabilities merged as `decision` merges the tokens: a merged key's probability
+    is added to its destination's, a merged query's row is averaged in with the Merge's weights."""
+    keep, merged, into = decision.kept, decision.merged, decision.into
+
+    def merge_rows(t):  # [B, h, N, M] -> [B, h, K, M]: rows summed as the tokens merge
+        index = lambda i: i[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])  # noqa: E731
+        return t.gather(2, index(keep)).scatter_add(2, index(into), t.gather(2, index(merged)))
+
+    w = decision.weight.to(weights.dtype)[:, None, :, None]
+    keys = merge_rows(weights.transpose(-1, -2)).transpose(-1, -2)  # [B, H, N, K]: key columns summed
+    return merge_rows(keys * w) / merge_rows(w)
 
 
 def check_vit(model: nn.Module) -> None:

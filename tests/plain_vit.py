@@ -37,7 +37,7 @@ def small_vit(name: str, **kwargs):
     LayerScale factors are drawn around 1 (timm initialises them to 1e-6, which would hide the blocks).
     """
     torch.manual_seed(0)
-    vit = timm.create_model(name, img_size=64, embed_dim=96, num_heads=3, **kwargs).eval().double()
+    vit = timm.create_model(name, **{"img_size": 64, "embed_dim": 96, "num_heads": 3, **kwargs}).eval().double()
     for module in vit.modules():
         if isinstance(module, timm.layers.LayerScale):
             module.gamma.data.uniform_(0.5, 1.5)
