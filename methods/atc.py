@@ -24,14 +24,23 @@ LINKAGES = ("average", "complete", "single")
 
 
 def cut_labels(distance: np.ndarray, clusters: int, linkage: str) -> np.ndarray:
-    """Cluster label per token ([n]) from an [n, n] distance matrix, labels numbered by first member."""
-    from scipy.cluster.hierarchy import cut_tree, linkage as build_tree
+    """Cluster label per token ([n]) from an [n, n] distance matrix, labels numbered by first member.
 
-    upper = distance[np.triu_indices(len(distance), k=1)]
-    labels = cut_tree(build_tree(upper.astype(np.float64), method=linkage), n_clusters=clusters)[:, 0]
-    _, first = np.unique(labels, return_index=True)
+    The tree is cut where it has `clusters` clusters, i.e. after its first n - clusters merges (as
+    scikit-learn cuts it); the roots are found by pointer jumping, vectorised.
+    """
+    from scipy.cluster.hierarchy import linkage as build_tree
+
+    n = len(distance)
+    merges = build_tree(distance[np.triu_indices(n, k=1)].astype(np.float64), method=linkage)[:n - clusters]
+    parent = np.arange(2 * n - 1)
+    parent[merges[:, :2].astype(np.int64)] = (n + np.arange(len(merges)))[:, None]
+    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
+        parent = parent[parent]
+    roots = parent[:n]
+    _, first, labels = np.unique(roots, return_index=True, return_inverse=True)
     renumber = np.empty(len(first), dtype=np.int64)
-    renumber[np.argsort(labels[np.sort(first)])] = np.arange(len(first))  # first-appearance order
+    renumber[np.argsort(first)] = np.arange(len(first))  # first-appearance order
     return renumber[labels]
 
 
