@@ -170,9 +170,18 @@ def style_of(methods: list[str]) -> dict:
     """One colour and one marker per method: given every registered method, the same on every board."""
     import seaborn as sns
 
-    colours = sns.color_palette("tab10", max(len(methods), 1))
+    pairs = sns.color_palette("tab20", 20)
+    colours = pairs[0::2] + pairs[1::2]  # ten strong colours, then their light partners
     markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*"]
     return {m: (colours[i % len(colours)], markers[i % len(markers)]) for i, m in enumerate(sorted(methods))}
+
+
+def varying_labels(rows: pd.DataFrame) -> list[str]:
+    """Each point's label on a plot: only the knobs that vary within its method's points (`r=13`, not
+    `r=13 inflect=0`), all of them when none varies."""
+    knobs = list(rows["knobs"])
+    varying = [k for k in (knobs[0] if knobs else {}) if len({repr(row.get(k)) for row in knobs}) > 1]
+    return [knob_label({k: row[k] for k in varying}) if varying else knob_label(row) for row in knobs]
 
 
 def accuracy_interval(row) -> tuple[float, float]:
@@ -229,8 +238,8 @@ def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> lis
             ax.errorbar(rows[cost], rows["top1_pct"], yerr=yerr, xerr=xerr, color=colour, marker=marker,
                         markerfacecolor="white" if own else colour, linewidth=1.2, markersize=6, capsize=2,
                         elinewidth=0.8, label=f"{method} (own weights)" if own else method)
-            for _, r in rows.iterrows():
-                ax.annotate(r["knob_text"], (r[cost], r["top1_pct"]), textcoords="offset points", xytext=(3, 3),
+            for text, (_, r) in zip(varying_labels(rows), rows.iterrows()):
+                ax.annotate(text, (r[cost], r["top1_pct"]), textcoords="offset points", xytext=(3, 3),
                             fontsize=6, color=colour)
         free = data[data["weights"] == shared]
         front = free[pareto_front(free, cost, higher)].sort_values(cost)
