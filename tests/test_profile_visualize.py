@@ -7,7 +7,7 @@ from PIL import Image
 from plain_vit import one_thread  # noqa: F401  (autouse fixture)
 
 from tokenbench.cli import main
-from tokenbench.commands.speed import parse_cell
+from tokenbench.speed import parse_cell
 from tokenbench.commands.visualize import DROPPED, describe, patch_owners, render
 
 
@@ -89,3 +89,25 @@ def test_speed_table_under_bf16_autocast(capsys, monkeypatch):
     assert ", bf16, 2 rounds" in out and dtypes == ["bf16"]
     topk = next(line.split() for line in out.splitlines() if line.startswith("topk"))
     assert float(topk[2]) < float(next(line.split() for line in out.splitlines() if line.startswith("none"))[2])
+
+
+def test_speed_batch_size_curve_table_and_plot(tmp_path, capsys):
+    """--batch-sizes: one row per batch size and model, dense and methods interleaved at each; --plot draws the
+    speedup curves with their GMACs ratios."""
+    from tokenbench.speed import speed_table
+
+    plot = tmp_path / "curve.png"
+    assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--cell", "tome:r=8", "--batch-sizes",
+               "1,4", "--rounds", "2", "--warmup", "0", "--plot", str(plot)) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [(b, m) for b in ("1", "4") for m in ("none", "topk", "tome")]
+    assert plot.stat().st_size > 10_000
+    from tokenbench import models
+
+    table = speed_table(models.load_model("vit_digits").model, [("topk", {"keep": 0.5})], (2,), rounds=1, warmup=0,
+                        log=lambda line: None)
+    dense, topk = table.to_dict("records")
+    assert dense["speedup"] == 1 and dense["gmacs_ratio"] == 1 and topk["gmacs_ratio"] > 1.3
+    assert topk["speedup_per_gmacs_ratio"] == pytest.approx(topk["speedup"] / topk["gmacs_ratio"])
+    assert run("speed", "--plot", str(plot)) == 2  # the plot is of the batch-size curve

@@ -1,17 +1,14 @@
-"""`tokenbench speed`: does a method's saving in GMACs turn into wall-clock speed?
+"""`tokenbench speed`: does a method's saving in GMACs turn into wall-clock speed (`tokenbench.speed`)?
 
 For each method and knob it prints the GMACs, the GMACs ratio (dense / method), the measured speedup
-(dense time / method time) and their quotient, the fraction of the ideal speedup reached. All models
-run in one process on the same random batch; every round times dense and each method once, in an order
-that rotates from round to round so that a drift in machine speed cancels out, and the speedup is the
-median over rounds of (dense time / method time) within a round. Run it on a quiet machine: other
+(dense time / method time) and their quotient, the fraction of the ideal speedup reached; with
+`--batch-sizes` at each batch size, and `--plot` draws the curve. Run it on a quiet machine: other
 processes on the same cores make the ratios noisy (the IQR column says how noisy).
 """
 
 from __future__ import annotations
 
 from tokenbench.errors import BenchError
-from tokenbench.registry import get_method, knob_label
 
 DEFAULT_CELLS = ("topk:keep=0.7", "evit:keep=0.7", "tome:r=13")
 
@@ -23,6 +20,10 @@ def add_parser(sub):
     p.add_argument("--cell", action="append", default=None, metavar="METHOD:KNOB=V[,KNOB=V]",
                    help=f"a method and its knobs; repeat for more (default: {' '.join(DEFAULT_CELLS)})")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-sizes", default=None, metavar="B[,B...]",
+                   help="measure at each of these batch sizes instead (e.g. 1,4,16,64,256): the batch-size curve")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="with --batch-sizes: plot speedup against batch size next to each GMACs ratio")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs dense and every method once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -31,60 +32,43 @@ def add_parser(sub):
     return p
 
 
-def parse_cell(text: str) -> tuple[str, dict]:
-    """'tome:r=13' -> ('tome', {'r': 13}); knobs parsed and checked by the method's own knobs, the rest at
-    their first sweep value."""
-    name, _, spec = text.partition(":")
-    method = get_method(name.strip())
-    given = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            own = ", ".join(k.name for k in method.knobs) or "none"
-            raise BenchError(f"--cell {text}: expected {name}:KNOB=V with KNOB one of {own}")
-        given[key] = value
-    return method.name, method.check_knobs(method.parse_knobs(given), default="sweep")
-
-
 def run(args):
-    import statistics
-
     import torch
     from tabulate import tabulate
 
-    from tokenbench import api, measure, models
+    from tokenbench import models
+    from tokenbench.speed import parse_cell, plot_batch_curve, speed_table
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
-    if args.batch_size < 1 or args.rounds < 1 or args.warmup < 0:
-        raise BenchError("--batch-size and --rounds must be at least 1, --warmup at least 0")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()] if args.batch_sizes else [args.batch_size]
+    except ValueError:
+        raise BenchError(f"--batch-sizes {args.batch_sizes!r}: give whole numbers like 1,4,16,64") from None
+    if args.plot and not args.batch_sizes:
+        raise BenchError("--plot draws the batch-size curve: give --batch-sizes too")
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads {args.threads}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cells = [parse_cell(c) for c in (args.cell or DEFAULT_CELLS)]
     loaded = models.load_model(args.model, args.checkpoint)
-    images = torch.randn(args.batch_size, *models.input_shape(loaded.model),
-                         generator=torch.Generator().manual_seed(0))
-    built = [api.apply(loaded.model, "none")]
-    for name, knobs in cells:
-        torch.manual_seed(0)
-        built.append(api.apply(loaded.model, name, **knobs))
-    built = [m.to(device).eval() for m in built]
-    gmacs = [api.gmacs(m, images[:8].to(device)).mean().item() for m in built]
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"{loaded.name} ({loaded.weights}), batch {args.batch_size} at {tuple(images.shape[1:])}, {device.type}"
-          f"{threads}, {args.dtype}, {args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
-    times, _ = measure.interleaved_seconds(built, images.to(device), args.dtype, repeats=args.rounds,
-                                           warmup_rounds=args.warmup, warmup_s=0.0, min_repeat_s=0.0)
-    speedup, iqr = measure.speedups(times)
-    rows = [["none", "-", f"{gmacs[0]:.3f}", "1.000", f"{statistics.median(times[:, 0]) * 1e3:.0f}", "1.000", "-", "-"]]
-    for j, (name, knobs) in enumerate(cells, 1):
-        ratio = gmacs[0] / gmacs[j]
-        rows.append([name, knob_label(knobs), f"{gmacs[j]:.3f}", f"{ratio:.3f}",
-                     f"{statistics.median(times[:, j]) * 1e3:.0f}", f"{speedup[j]:.3f}", f"{iqr[j]:.3f}",
-                     f"{speedup[j] / ratio:.2f}"])
-    print(tabulate(rows, headers=["method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR",
-                                  "speedup / GMACs ratio"], disable_numparse=True))
+    threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else ""
+    setting = (f"{loaded.name} ({loaded.weights}) at {tuple(models.input_shape(loaded.model))}, {args.device}{threads}, "
+               f"{args.dtype}, {args.rounds} rounds (+{args.warmup} warm-up)")
+    print(setting, flush=True)
+    table = speed_table(loaded.model, cells, batch_sizes, args.rounds, args.warmup, args.device, args.dtype,
+                        log=lambda line: print(line, flush=True))
+    shown = table.assign(
+        gmacs=table["gmacs"].map("{:.3f}".format), gmacs_ratio=table["gmacs_ratio"].map("{:.3f}".format),
+        ms_per_batch=table["ms_per_batch"].map("{:.0f}".format), speedup=table["speedup"].map("{:.3f}".format),
+        iqr=table["iqr"].map(lambda v: "-" if v != v else f"{v:.3f}"),
+        speedup_per_gmacs_ratio=[("-" if m == "none" else f"{v:.2f}")
+                                 for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])])
+    headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio"]
+    if not args.batch_sizes:
+        shown, headers = shown.drop(columns="batch_size"), headers[1:]
+    print(tabulate(shown.values.tolist(), headers=headers, disable_numparse=True))
+    if args.plot:
+        print(f"wrote {plot_batch_curve(table, args.plot, setting)}")
     return 0
