@@ -117,6 +117,9 @@ class Merge(Decision):
     with proportional attention later blocks give a merged token more attention (log size on its logits).
     `mlerp` (ToFu): rescale each output token to the largest norm among the tokens it absorbed, dividing by
     the norm its kept token had before merging (the official code's form).
+    `dropped`: entries of `merged` that are removed rather than merged (no feature, size or patch passes on),
+    so one decision can prune some images and merge others; an image that only drops keeps its tokens as
+    they were.
     """
 
     kept: torch.Tensor
@@ -125,6 +128,7 @@ class Merge(Decision):
     weight: torch.Tensor | None = None
     eps: float | torch.Tensor = 0.0  # or [B, K], one per output token
     mlerp: bool = False
+    dropped: torch.Tensor | None = None  # [B, M] bool: these merged tokens are simply removed (PPT's pruning)
 
 
 @dataclass(kw_only=True)
@@ -408,10 +412,13 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     if state.mask is not None:
         raise BenchError("merging tokens of images that keep different numbers of tokens is not supported")
     into = flat_rows(decision.into, decision.kept.shape[1])
+    passes = None if decision.dropped is None else ~decision.dropped.flatten()
 
     def merge(t):
         out = gather_tokens(t, decision.kept)
         sources = gather_tokens(t, decision.merged).flatten(0, 1)
+        if passes is not None:
+            sources = sources * passes.view(-1, *[1] * (sources.dim() - 1)).to(sources.dtype)
         # index_put_ accumulates in one parallel pass; index_add_ stalls on shared, multi-threaded CPUs.
         out.view(-1, *t.shape[2:]).index_put_((into,), sources, accumulate=True)
         return out
@@ -433,6 +440,8 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
         largest = norms.gather(1, decision.kept)
         largest.view(-1).scatter_reduce_(0, into, norms.gather(1, decision.merged).flatten(), "amax")
         out = out * (largest / norms.gather(1, decision.kept))[..., None]
+    if decision.dropped is not None:  # images that only prune: their kept tokens exactly as they were
+        out = torch.where(decision.dropped.all(dim=1)[:, None, None], gather_tokens(x, decision.kept), out)
     return out
 
 
