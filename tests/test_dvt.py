@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import train_steps
+from conftest import shared_data, train_steps
 from plain_vit import without_weights
 
 from tokenbench import datasets, models
@@ -254,3 +254,22 @@ def test_reuse_table_charges_reuse_over_the_cascade_without_it(images):
     extra = table.set_index(["reuse", "exit"])["reuse GMACs +%"]
     assert extra[("none", 2)] == 0 and extra[("feature + relation", 1)] == 0  # nothing to reuse at the first exit
     assert extra[("feature + relation", 2)] > 0 and extra[("feature + relation", 3)] > 0
+
+
+SHIPPED_CASCADES = sorted(p.name for p in models.shipped("dvt_*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED_CASCADES)
+def test_shipped_cascades_reach_their_recorded_exit_accuracies(name):
+    from tokenbench.harness import preload
+    from tokenbench.methods.dvt.ablation import reuse_table
+
+    loaded = models.load_model(checkpoint=models.asset(name))
+    dataset = loaded.meta["dataset"]
+    root = str(shared_data("cifar10")) if dataset == "cifar10" else None
+    images, labels = preload(datasets.build_dataset(dataset, "test", datasets.eval_transform(loaded.model), root).dataset)
+    table = reuse_table({name: loaded.model}, images, labels)
+    recorded = loaded.meta["exit_test_top1"]
+    assert list(table["top-1 %"] / 100) == pytest.approx(recorded, abs=2 / len(labels))
+    assert recorded[-1] == pytest.approx(loaded.meta["test_top1"], abs=1e-12)

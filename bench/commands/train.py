@@ -78,6 +78,20 @@ def method_knobs(method, args) -> dict:
     return knobs
 
 
+def exit_accuracies(cascade, loader) -> list[float]:
+    """Test top-1 of every exit of a cascade (what `dvt-ablation` reports), for the checkpoint's record."""
+    import torch
+
+    from tokenbench.methods.dvt.thresholds import exit_outputs
+
+    hits, total = None, 0
+    for images, labels in loader:
+        _, correct = exit_outputs(cascade, images, labels)
+        hits = correct.sum(1) if hits is None else hits + correct.sum(1)
+        total += len(labels)
+    return [float(h) / total for h in torch.as_tensor(hits)]
+
+
 def run(args):
     import os
 
@@ -146,6 +160,8 @@ def run(args):
     }
     if method is not None:
         meta.update(trained_with=args.method, knobs=knobs, init=args.init)
+    if hasattr(model, "forward_exits"):  # a cascade: every exit's test top-1, each image answered there
+        meta["exit_test_top1"] = exit_accuracies(model, test_loader)
     models.save_checkpoint(args.out, model.cpu(), name, meta, model_kwargs)
     os.remove(state_file)
     print(f"test top-1 {test_top1:.4f}; wrote {args.out}")
