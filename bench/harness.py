@@ -65,6 +65,7 @@ def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict
     return dict(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
                 timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
                 peak_memory_mb=measure.peak_memory_mb(model, images, images.device, dtype),
+                attention_kernels=measure.attention_kernels(model, images[:2], dtype),
                 timing_noisy=noisy, load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
 
 

@@ -167,6 +167,16 @@ def speedups(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.median(ratios, axis=0), q3 - q1
 
 
+def attention_kernels(model, images, dtype="fp32") -> str | None:
+    """Which attention kernels one forward of `model` runs on `images` ('cpu-fused', 'flash+explicit', ...),
+    or None for a model whose attention does not go through tokenbench's blocks."""
+    from tokenbench.tokens import attention_kernel_log
+
+    with torch.inference_mode(), autocast(images.device, dtype), attention_kernel_log() as seen:
+        model(images)
+    return "+".join(sorted(seen)) or None
+
+
 def peak_memory_mb(model, images, device, dtype="fp32") -> float | None:
     """Peak allocated device memory of one forward, where the device reports it (CUDA)."""
     if device.type != "cuda":

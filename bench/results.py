@@ -86,6 +86,7 @@ class ResultRow:
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
     peak_memory_mb: float | None = None
+    attention_kernels: str | None = None  # the attention kernels the timed forward ran: cpu-fused, flash, explicit, ...
     timing_noisy: bool | None = None  # an IQR above 10% of its median: the machine was busy
     load_average: list | None = None  # 1-minute load average before and after the timing
     nonfinite_logits: int | None = None  # images whose logits held NaN or inf

@@ -37,7 +37,8 @@ def parse_cell(text: str) -> tuple[str, dict]:
 def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_sizes=(32,), rounds: int = 7,
                 warmup: int = 1, device: str = "cpu", dtype: str = "fp32", log=print) -> pd.DataFrame:
     """One row per batch size and model (dense first, then each (method, knobs) of `cells`): GMACs per image,
-    GMACs ratio, median ms per batch, median speedup over dense and its IQR, and speedup / GMACs ratio."""
+    GMACs ratio, median ms per batch, median speedup over dense and its IQR, speedup / GMACs ratio, and the
+    attention kernels it ran (`measure.attention_kernels`)."""
     import statistics
 
     from tokenbench import api, measure, models
@@ -53,6 +54,7 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     shape = models.input_shape(model)
     probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     gmacs = [api.gmacs(m, probe).mean().item() for m in built]
+    kernels = [measure.attention_kernels(m, probe[:2], dtype) for m in built]
     labels = [("none", "-")] + [(name, knob_label(knobs)) for name, knobs in cells]
     rows = []
     for batch in batch_sizes:
@@ -64,7 +66,8 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
             ratio = gmacs[0] / gmacs[j]
             rows.append({"batch_size": batch, "method": name, "knobs": knobs, "gmacs": gmacs[j], "gmacs_ratio": ratio,
                          "ms_per_batch": 1e3 * statistics.median(times[:, j]), "speedup": speedup[j],
-                         "iqr": iqr[j] if j else float("nan"), "speedup_per_gmacs_ratio": speedup[j] / ratio})
+                         "iqr": iqr[j] if j else float("nan"), "speedup_per_gmacs_ratio": speedup[j] / ratio,
+                         "attention": kernels[j]})
         log(f"batch {batch}: " + ", ".join(f"{n} {s:.2f}x" for (n, _), s in zip(labels[1:], speedup[1:])))
     return pd.DataFrame(rows)
 

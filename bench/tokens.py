@@ -12,6 +12,7 @@ the input patches (`trace`) and the FLOP ledger.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass, field
@@ -188,6 +189,43 @@ def mean_attention_received(weights: torch.Tensor, mask: torch.Tensor | None) ->
     return (weights * real).sum(dim=2) / real.sum(dim=2)
 
 
+_KERNEL_LOGS: list[set] = []  # active `attention_kernel_log`s
+SDPA_BACKENDS = {0: "math", 1: "flash", 2: "memory-efficient", 3: "cudnn"}  # torch's SDPBackend values
+
+
+@contextlib.contextmanager
+def attention_kernel_log():
+    """Collect the names of the attention kernels the blocks run while active: the backend torch's fused
+    attention selects (`flash`, `memory-efficient`, `cudnn` or `math` on CUDA; `cpu-fused` or `math` on
+    CPU) and `explicit` where tokenbench writes attention out (q k^T, softmax, times V) because a reducer
+    needs the map. Proportional attention and padding masks become an additive mask, which rules out some
+    kernels; this says which ran."""
+    seen: set = set()
+    _KERNEL_LOGS.append(seen)
+    try:
+        yield seen
+    finally:
+        _KERNEL_LOGS.remove(seen)
+
+
+def note_kernel(q=None, k=None, v=None, mask=None) -> None:
+    """Log the fused kernel torch selects for these inputs (as autocast would cast them), or `explicit`."""
+    if not _KERNEL_LOGS:
+        return
+    if q is None:
+        name = "explicit"
+    else:
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            mask = None if mask is None else mask.to(dtype)
+        name = SDPA_BACKENDS.get(int(torch._fused_sdp_choice(q, k, v, mask, 0.0, False)), "other")
+        name = "cpu-fused" if (device, name) == ("cpu", "flash") else name
+    for log in _KERNEL_LOGS:
+        log.add(name)
+
+
 def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: Need, select=None,
                   state: TokenState | None = None):
     """timm `Attention.forward`, plus what a reducer needs, computed without materialising N x N maps.
@@ -229,6 +267,7 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
             rows = query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
             logits, weights = logits.gather(2, rows), weights.gather(2, rows)
     if weights is None and attn.fused_attn and Need.LOGITS not in needs:
+        note_kernel(q, k, v, bias)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -241,6 +280,7 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
                 info.cls_attn = weights[:, :, 0]
         else:
             weights = attn.attn_drop(weights)
+        note_kernel()
         out = weights @ v
         info.logits = logits if Need.LOGITS in needs else None
     out = out.transpose(1, 2).reshape(B, q.shape[2], attn.num_heads * attn.head_dim)
@@ -343,6 +383,7 @@ class ReducibleBlock(nn.Module):
         if attn_bias is not None:
             logits = logits + attn_bias
         weights = logits.softmax(dim=-1)
+        note_kernel()
         decision = self.reducer.decide(x, state, AttentionInfo(weights=weights))
         if decision is not None:
             if not isinstance(decision, Merge) or decision.weight is None:

@@ -31,6 +31,7 @@ def test_sweep_writes_one_row_per_configuration_and_resumes(tmp_path, checkpoint
     assert row.tokens_per_block == [65] * 4 + [46] * 3 + [33] * 3 + [24] * 2
     assert row.gmacs < rows[0].gmacs and row.gmacs_std == pytest.approx(0)
     assert row.throughput > 0 and row.latency_ms > 0 and row.threads == torch.get_num_threads()
+    assert row.attention_kernels == "cpu-fused"  # top-k needs only the class row, the rest stays fused
     assert row.weights.startswith("file:vit_digits_random.pt@sha256:")
     prov = row.provenance
     assert {"git_sha", "git_dirty", "torch", "timm", "device_name", "time_utc", "seed"} <= set(prov)

@@ -86,7 +86,7 @@ def test_speed_table_under_bf16_autocast(capsys, monkeypatch):
     assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--batch-size", "4", "--rounds", "2",
                "--warmup", "0", "--dtype", "bf16") == 0
     out = capsys.readouterr().out
-    assert ", bf16, 2 rounds" in out and dtypes == ["bf16"]
+    assert ", bf16, 2 rounds" in out and set(dtypes) == {"bf16"}  # the timing and the kernel probes
     topk = next(line.split() for line in out.splitlines() if line.startswith("topk"))
     assert float(topk[2]) < float(next(line.split() for line in out.splitlines() if line.startswith("none"))[2])
 
@@ -111,3 +111,20 @@ def test_speed_batch_size_curve_table_and_plot(tmp_path, capsys):
     assert dense["speedup"] == 1 and dense["gmacs_ratio"] == 1 and topk["gmacs_ratio"] > 1.3
     assert topk["speedup_per_gmacs_ratio"] == pytest.approx(topk["speedup"] / topk["gmacs_ratio"])
     assert run("speed", "--plot", str(plot)) == 2  # the plot is of the batch-size curve
+
+
+def test_attention_kernels_name_the_path_each_method_ran():
+    """Fused attention where nothing needs the map, the explicit path where a reducer does (MCTF merges it),
+    and the backend torch actually selects (math when the fused kernels are switched off)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenbench import api, models
+    from tokenbench.measure import attention_kernels
+
+    vit = models.load_model("vit_digits").model
+    images = torch.randn(2, 3, 32, 32)
+    assert attention_kernels(api.apply(vit, "none"), images) == "cpu-fused"
+    assert attention_kernels(api.apply(vit, "mctf", r=4), images) == "cpu-fused+explicit"  # block 0 fused
+    with sdpa_kernel(SDPBackend.MATH):
+        assert attention_kernels(api.apply(vit, "tome", r=4), images) == "math"
+    assert attention_kernels(vit, images) is None  # a bare timm model: not tokenbench's blocks

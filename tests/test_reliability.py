@@ -95,7 +95,7 @@ def test_bad_lines_are_skipped_named_and_never_rewritten(tmp_path, checkpoint, c
     (["--seed", "-1"], "--seed -1: must be in [0, 2**63)"),
     (["--keep", ","], "topk: keep ',' gives no values"),
     (["--method", ","], "no method named in ','"),
-    (["--method", "ats", "--sample-rate", "1e9"], "ats: sample_rate=1e+09 is outside (0, 16]"),
+    (["--method", "topk,ats", "--sample-rate", "1e9"], "ats: sample_rate=1e+09 is outside (0, 16]"),
     (["--budget", "0"], "--budget 0: must be a fraction of the dense GMACs in (0, 1]"),
 ])
 def test_bad_options_are_one_line_before_any_work(tmp_path, checkpoint, capsys, argv, message):

@@ -65,7 +65,8 @@ def run(args):
         iqr=table["iqr"].map(lambda v: "-" if v != v else f"{v:.3f}"),
         speedup_per_gmacs_ratio=[("-" if m == "none" else f"{v:.2f}")
                                  for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])])
-    headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio"]
+    headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio",
+               "attention"]
     if not args.batch_sizes:
         shown, headers = shown.drop(columns="batch_size"), headers[1:]
     print(tabulate(shown.values.tolist(), headers=headers, disable_numparse=True))
