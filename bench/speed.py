@@ -34,11 +34,28 @@ def parse_cell(text: str) -> tuple[str, dict]:
     return method.name, method.check_knobs(method.parse_knobs(given), default="sweep")
 
 
+def compiled(model: torch.nn.Module, images: torch.Tensor, dtype: str) -> tuple[torch.nn.Module, float]:
+    """`torch.compile` (inductor) of `model` and the seconds its first call took on `images` (compiling it):
+    compile time is reported apart, never inside a throughput. Token counts that vary per image (ATS) or
+    data-dependent steps (clustering) cause graph breaks: those parts run eager between compiled graphs."""
+    import time
+
+    from tokenbench import measure
+
+    fast = torch.compile(model)
+    start = time.perf_counter()
+    with torch.inference_mode(), measure.autocast(images.device, dtype):
+        fast(images)
+    return fast, time.perf_counter() - start
+
+
 def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_sizes=(32,), rounds: int = 7,
-                warmup: int = 1, device: str = "cpu", dtype: str = "fp32", log=print) -> pd.DataFrame:
+                warmup: int = 1, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
+                log=print) -> pd.DataFrame:
     """One row per batch size and model (dense first, then each (method, knobs) of `cells`): GMACs per image,
     GMACs ratio, median ms per batch, median speedup over dense and its IQR, speedup / GMACs ratio, and the
-    attention kernels it ran (`measure.attention_kernels`)."""
+    attention kernels it ran (`measure.attention_kernels`). With `compile`, every model (dense included) is
+    compiled first, the speedups are over the compiled dense model and `compile_s` says what compiling took."""
     import statistics
 
     from tokenbench import api, measure, models
@@ -56,10 +73,15 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     gmacs = [api.gmacs(m, probe).mean().item() for m in built]
     kernels = [measure.attention_kernels(m, probe[:2], dtype) for m in built]
     labels = [("none", "-")] + [(name, knob_label(knobs)) for name, knobs in cells]
+    compile_s = [float("nan")] * len(built)
     rows = []
     for batch in batch_sizes:
         images = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-        times, _ = measure.interleaved_seconds(built, images, dtype, repeats=rounds, warmup_rounds=warmup,
+        timed = built
+        if compile:  # per batch size: a new shape is a new graph
+            timed, compile_s = zip(*(compiled(m, images, dtype) for m in built))
+            log(f"batch {batch}: compiled in " + ", ".join(f"{n} {t:.0f} s" for (n, _), t in zip(labels, compile_s)))
+        times, _ = measure.interleaved_seconds(list(timed), images, dtype, repeats=rounds, warmup_rounds=warmup,
                                                warmup_s=0.0, min_repeat_s=0.0)
         speedup, iqr = measure.speedups(times)
         for j, (name, knobs) in enumerate(labels):
@@ -67,7 +89,7 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
             rows.append({"batch_size": batch, "method": name, "knobs": knobs, "gmacs": gmacs[j], "gmacs_ratio": ratio,
                          "ms_per_batch": 1e3 * statistics.median(times[:, j]), "speedup": speedup[j],
                          "iqr": iqr[j] if j else float("nan"), "speedup_per_gmacs_ratio": speedup[j] / ratio,
-                         "attention": kernels[j]})
+                         "attention": kernels[j], "compile_s": compile_s[j]})
         log(f"batch {batch}: " + ", ".join(f"{n} {s:.2f}x" for (n, _), s in zip(labels[1:], speedup[1:])))
     return pd.DataFrame(rows)
 

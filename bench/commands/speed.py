@@ -27,6 +27,8 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs dense and every method once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (inductor) dense and every method; speedups over compiled dense, compile time apart")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of every forward")
     return p
@@ -55,18 +57,21 @@ def run(args):
     loaded = models.load_model(args.model, args.checkpoint)
     threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else ""
     setting = (f"{loaded.name} ({loaded.weights}) at {tuple(models.input_shape(loaded.model))}, {args.device}{threads}, "
-               f"{args.dtype}, {args.rounds} rounds (+{args.warmup} warm-up)")
+               f"{args.dtype}{', compiled' if args.compile else ''}, {args.rounds} rounds (+{args.warmup} warm-up)")
     print(setting, flush=True)
     table = speed_table(loaded.model, cells, batch_sizes, args.rounds, args.warmup, args.device, args.dtype,
-                        log=lambda line: print(line, flush=True))
+                        compile=args.compile, log=lambda line: print(line, flush=True))
     shown = table.assign(
         gmacs=table["gmacs"].map("{:.3f}".format), gmacs_ratio=table["gmacs_ratio"].map("{:.3f}".format),
         ms_per_batch=table["ms_per_batch"].map("{:.0f}".format), speedup=table["speedup"].map("{:.3f}".format),
         iqr=table["iqr"].map(lambda v: "-" if v != v else f"{v:.3f}"),
         speedup_per_gmacs_ratio=[("-" if m == "none" else f"{v:.2f}")
-                                 for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])])
+                                 for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])],
+        compile_s=table["compile_s"].map(lambda v: "-" if v != v else f"{v:.0f}"))
     headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio",
-               "attention"]
+               "attention", "compile s"]
+    if not args.compile:
+        shown, headers = shown.drop(columns="compile_s"), headers[:-1]
     if not args.batch_sizes:
         shown, headers = shown.drop(columns="batch_size"), headers[1:]
     print(tabulate(shown.values.tolist(), headers=headers, disable_numparse=True))
