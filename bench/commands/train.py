@@ -94,6 +94,7 @@ def exit_accuracies(cascade, loader) -> list[float]:
 
 def run(args):
     import os
+    from pathlib import Path
 
     import torch
     from torch.utils.data import DataLoader
@@ -163,6 +164,6 @@ def run(args):
     if hasattr(model, "forward_exits"):  # a cascade: every exit's test top-1, each image answered there
         meta["exit_test_top1"] = exit_accuracies(model, test_loader)
     models.save_checkpoint(args.out, model.cpu(), name, meta, model_kwargs)
-    os.remove(state_file)
+    Path(state_file).unlink(missing_ok=True)  # the finished run needs no resume state
     print(f"test top-1 {test_top1:.4f}; wrote {args.out}")
     return 0
