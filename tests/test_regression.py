@@ -220,10 +220,10 @@ def test_dvt_is_snapshotted_with_its_shipped_cascade_on_real_digits():
     """Early exit on real images: a tighter budget exits earlier, the full budget runs every stage."""
     snapshot = reg.take_snapshot({"dvt": all_methods()["dvt"]}, {"vit_digits": 4, "deit_small_patch16_224": 1})
     points = snapshot["vit_digits"]["dvt"]
-    assert points["cost=1"]["tokens"] == [17] * 4 + [37] * 4 + [65] * 4
-    gmacs = [points[f"cost={c:g}"]["gmacs"] for c in (0.15, 0.2, 0.3, 0.4, 1.0)]
+    assert points["cost=1 criterion=confidence"]["tokens"] == [17] * 4 + [37] * 4 + [65] * 4
+    gmacs = [points[f"cost={c:g} criterion=confidence"]["gmacs"] for c in (0.15, 0.2, 0.3, 0.4, 1.0)]
     assert gmacs == sorted(gmacs) and gmacs[0] < gmacs[-1] / 4
-    assert "ships no weights" in snapshot["deit_small_patch16_224"]["dvt"]["cost=1"]["error"]
+    assert "ships no weights" in snapshot["deit_small_patch16_224"]["dvt"]["cost=1 criterion=confidence"]["error"]
     assert snapshot == reg.take_snapshot({"dvt": all_methods()["dvt"]}, {"vit_digits": 4, "deit_small_patch16_224": 1})
 
 
