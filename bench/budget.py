@@ -66,6 +66,26 @@ class Cost:
         return self.known[value]
 
 
+def buildable_count(values: list, cost) -> int:
+    """How many of `values` (no-op first, cheaper onwards) the method can build: a setting too cheap to exist
+    (DVT below its first exit's cost) raises BenchError, and so does every cheaper one, so bisect for the
+    first that does."""
+    def builds(value) -> bool:
+        try:
+            cost(value)
+            return True
+        except BenchError:
+            return False
+
+    if builds(values[-1]):
+        return len(values)
+    good, bad = 0, len(values) - 1  # the no-op always builds
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if builds(values[mid]) else (good, mid)
+    return good + 1
+
+
 def search_knobs(method: Method, model: nn.Module, fraction: float, images: torch.Tensor, dense_gmacs: float,
                  extra: dict | None = None, batch_size: int = 64) -> BudgetChoice:
     """The knobs of `method` that spend the most of `fraction` x `dense_gmacs` without exceeding it."""
@@ -78,10 +98,12 @@ def search_knobs(method: Method, model: nn.Module, fraction: float, images: torc
     limit = fraction * dense_gmacs
     cost = Cost(method, model, images[:PROBE_IMAGES], fixed, extra or {}, batch_size)
     cost(knob.name, fixed[knob.name])  # at a typical setting: does the cost vary between images?
+    cost.adaptive |= method.needs_calibration  # early exit: a few probe images may all leave at one exit
     if cost.adaptive:  # calibrate on every held-out image
         cost.images, cost.known = images, {}
     else:  # fixed-rate: every image costs the same, one decides
         cost.images = images[:1]
+    values = values[:buildable_count(values, lambda value: cost(knob.name, value))]
     if cost(knob.name, values[-1]) > limit:
         raise BenchError(f"{method.name} cannot reach {fraction:g} x dense ({limit:.4g} GMACs): "
                          f"its least is {cost.known[values[-1]]:.4g} GMACs at {knob.name}={values[-1]:g}")

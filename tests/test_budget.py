@@ -83,3 +83,18 @@ def test_bench_budget_records_requested_and_achieved(tmp_path, vit):
     assert all(r.budget == 0.6 for r in rows.values())
     assert rows["none"].budget_achieved == pytest.approx(1.0)
     assert 0.55 < rows["topk"].budget_achieved <= 0.6
+
+
+def test_dvt_finds_its_budget_above_its_first_exit():
+    """A cost fraction below the first exit's cost cannot be built; the search starts where building does."""
+    from tokenbench import datasets, models
+    from tokenbench.harness import preload
+    from tokenbench.registry import get_method
+
+    method = get_method("dvt")
+    loaded = models.load_model(checkpoint=method.checkpoint_for("vit_digits", "digits"))
+    val = preload(datasets.build_dataset("digits", "val", datasets.eval_transform(loaded.model)).dataset)
+    dense = 0.09707
+    choice = search_knobs(method, loaded.model, 0.1, val[0], dense, {"calibration": val})
+    first_exit = loaded.model.exit_gmacs(val[0][:1])[0]
+    assert first_exit <= choice.gmacs <= 0.1 * dense and choice.adaptive
