@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokenbench import budget as budgets
-from tokenbench import cache, datasets, distributed, measure, models, results
+from tokenbench import cache, datasets, distributed, measure, models, results, speed
 from tokenbench.data import SPLITS
 from tokenbench.errors import BenchError
 from tokenbench.limits import check_sweep_numbers
@@ -53,10 +53,22 @@ def timing_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
 NOISY = 0.1  # a timing whose IQR exceeds this fraction of its median is flagged
 
 
-def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict:
+def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int, compile: bool = False) -> dict:
     """Throughput at the batch, batch-1 latency and peak memory, as row fields; flagged noisy when either
-    IQR exceeds 10% of its median, with the 1-minute load average before and after."""
+    IQR exceeds 10% of its median, with the 1-minute load average before and after.
+
+    With `compile`, the model is compiled afresh (dynamo's caches reset, so earlier cells can't push it past
+    the recompile limit) for both timed shapes first; the compile time and what ran go in the row."""
     cuda = images.device.type == "cuda"
+    compiled_fields = {}
+    kernels = measure.attention_kernels(model, images[:2], dtype)
+    if compile:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
+        with speed.compile_limits():
+            model, seconds, ran = speed.compiled(model, [images, images[:1]], dtype)
+        compiled_fields = dict(compile_s=None if seconds != seconds else seconds, compiled=ran)
     load_before = os.getloadavg()[0]
     tp = measure.throughput(model, images, dtype, repeats=repeats, warmup_s=2.0 if cuda else 0.5,
                             min_repeat_s=0.2 if cuda else 0.1)
@@ -65,8 +77,8 @@ def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int) -> dict
     return dict(throughput=tp.median, throughput_iqr=tp.iqr, timing_repeats=tp.repeats,
                 timing_iterations=tp.iterations, latency_ms=lat.median, latency_iqr_ms=lat.iqr,
                 peak_memory_mb=measure.peak_memory_mb(model, images, images.device, dtype),
-                attention_kernels=measure.attention_kernels(model, images[:2], dtype),
-                timing_noisy=noisy, load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+                attention_kernels=kernels, timing_noisy=noisy,
+                load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)], **compiled_fields)
 
 
 def writable_folder(out: str | Path) -> Path:
@@ -136,12 +148,13 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
           batch_size: int | None = None, threads: int | None = None, repeats: int = 7, seed: int = 0,
           timing: bool = True, budget: float | None = None, knobs: dict | None = None, strict: bool = False,
           cache_dir: str | None = None, workers: int | None = None, shard: str | None = None,
-          log: Callable = print) -> pd.DataFrame:
+          compile: bool = False, log: Callable = print) -> pd.DataFrame:
     """Measure each method over its knob values (or at a matched `budget`) and return one row per configuration.
 
     `methods`: 'all', 'a,b' or a list of names. `knobs`: sweep values that replace a method's defaults,
     {name: 'v,v' or a list}. `out`: a folder to append the rows to (`OUT/results.jsonl`; resumable), or None.
-    `timing=False` records accuracy and GMACs only. The dense model is measured too when `methods` does not
+    `timing=False` records accuracy and GMACs only; `compile=True` times every model (dense included)
+    compiled by inductor, compile time apart (accuracy and GMACs are measured eager). The dense model is measured too when `methods` does not
     name it (its row has `baseline` set), so that every row has its reference. The other arguments are the
     `tokenbench bench` options.
     """
@@ -206,7 +219,8 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
                     "device_name": env["device_name"], "dtype": dtype, "batch_size": batch_size,
                     "threads": torch.get_num_threads() if chosen_device.type == "cpu" else None, "seed": seed,
                     **({"protocol": str(video)} if video else {}),
-                    **({"budget": budget} if budget is not None else {})}
+                    **({"budget": budget} if budget is not None else {}),
+                    **({"compile": True} if compile and timing else {})}
             cid = results.cell_id(cell)
             if cid in recorded and (recorded[cid].timed or not timing):
                 log(f"[{i}/{len(plan)}] {name} {knob_label(point)}: already recorded, skipped")
@@ -232,7 +246,7 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
                 fields.update(views=ds.views, gmacs_per_view=fields["gmacs"] / ds.views, throughput_unit="clips/s",
                               cls_substitute=getattr(built, "cls_substitute", None))
             if timing:
-                fields.update(timing_fields(built, timing_images, dtype, repeats))
+                fields.update(timing_fields(built, timing_images, dtype, repeats, compile))
             fields["nonfinite_weights"] = not all(torch.isfinite(p).all() for p in built.parameters())
             if fields["nonfinite_logits"] or fields["nonfinite_weights"]:
                 print(f"tokenbench: warning: {name} {knob_label(point)}: {fields['nonfinite_logits']} images with "

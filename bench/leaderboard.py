@@ -21,13 +21,14 @@ from tokenbench.results import read_results_folder, rows_frame
 from tokenbench.stats import correct_from_bits, decimals_for, delta_ci, holm, mcnemar
 from tokenbench.webpage import Section, render_page
 
-SETTING = ["dataset", "device_name", "dtype", "batch_size"]
+SETTING = ["dataset", "device_name", "dtype", "batch_size", "compile"]
 
 
 def load_rows(directory: str | Path) -> pd.DataFrame:
     """Every row under `directory`, shards merged (the last row of a configuration wins)."""
     df = rows_frame(read_results_folder(directory))
     df["knob_text"] = df["knobs"].map(knob_label)
+    df["compile"] = df["compile"].fillna(False).astype(bool)  # compiled timings are a setting of their own
     for column in ("throughput", "throughput_iqr", "latency_ms", "budget"):  # None (not measured) -> NaN
         df[column] = df[column].astype(float)
     return df.reset_index(drop=True)
@@ -140,6 +141,9 @@ def group_table(g: pd.DataFrame) -> pd.DataFrame:
     noisy = g["timing_noisy"].eq(True)  # IQR above 10% of the median: the machine was busy
     if noisy.any():
         table.insert(table.columns.get_loc("speedup") + 1, "timing", noisy.map({True: "noisy", False: ""}))
+    if g["compile"].any():  # compiled timings: how each model ran, and what compiling took
+        table.insert(table.columns.get_loc("latency ms (b=1)") + 1, "ran", g["compiled"])
+        table.insert(table.columns.get_loc("ran") + 1, "compile s", g["compile_s"].astype(float).round(1))
     if g["budget"].notna().any():
         table.insert(2, "budget", g["budget"])
         table["better than (McNemar, Holm, p < 0.05)"] = better_than(g)
@@ -296,12 +300,14 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
              "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.")
     lines = ["# tokenbench leaderboard", "", f"Regenerate with `{command}`. " + intro, ""]
     sections = []
-    for (dataset, device, dtype, batch), setting in df.groupby(SETTING, sort=True, dropna=False):
+    for (dataset, device, dtype, batch, compile), setting in df.groupby(SETTING, sort=True, dropna=False):
+        mode = " · compiled" if compile else ""
         for model, board in backbone_tables(setting):
             for budget, g in board.groupby(board["budget"].fillna(-1.0), sort=True):  # the sweep, then each budget
                 matched = budget >= 0
-                title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}"
-                heading = f"{dataset} · {model}" + (f" · matched budget {budget:g} × dense" if matched else "")
+                title = f"{dataset} · {model} · {device} · {dtype} · batch {batch}{mode}"
+                heading = (f"{dataset} · {model}{mode}"
+                           + (f" · matched budget {budget:g} × dense" if matched else ""))
                 weights = ", ".join(f"`{w}`" for w in g.loc[g["method"] == "none", "weights"].unique())
                 settings = settings_line(g) + f"; dense weights {weights}"
                 lines += [f"## {heading}", "", settings, ""]
@@ -313,7 +319,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
                 section = Section(heading, settings, table, values={"top-1 %": 100 * g["top1"]},
                                   provenance=dense.iloc[-1]["provenance"] if len(dense) else {})
                 if not matched:  # plots of the sweep; a matched budget is one point per method
-                    stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}")
+                    stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}", *(["compiled"] if compile else []))
                     for path, svg in plot_group(g, title, stem, style):
                         lines += ["", f"![{path.stem}](plots/{path.name})"]
                         section.plots.append(svg)

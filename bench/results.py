@@ -87,6 +87,9 @@ class ResultRow:
     latency_iqr_ms: float | None = None
     peak_memory_mb: float | None = None
     attention_kernels: str | None = None  # the attention kernels the timed forward ran: cpu-fused, flash, explicit, ...
+    compile: bool | None = None  # timed under torch.compile (inductor); accuracy and GMACs are always eager
+    compile_s: float | None = None  # seconds compiling took (both timed shapes), never inside the throughput
+    compiled: str | None = None  # what the timing ran: 'compiled, N graphs', or 'eager (why compiling failed)'
     timing_noisy: bool | None = None  # an IQR above 10% of its median: the machine was busy
     load_average: list | None = None  # 1-minute load average before and after the timing
     nonfinite_logits: int | None = None  # images whose logits held NaN or inf

@@ -10,6 +10,8 @@ small matrix products, Python) are eating the saving. Run it on a quiet machine.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,19 +36,61 @@ def parse_cell(text: str) -> tuple[str, dict]:
     return method.name, method.check_knobs(method.parse_knobs(given), default="sweep")
 
 
-def compiled(model: torch.nn.Module, images: torch.Tensor, dtype: str) -> tuple[torch.nn.Module, float]:
-    """`torch.compile` (inductor) of `model` and the seconds its first call took on `images` (compiling it):
-    compile time is reported apart, never inside a throughput. Token counts that vary per image (ATS) or
-    data-dependent steps (clustering) cause graph breaks: those parts run eager between compiled graphs."""
-    import time
+@contextlib.contextmanager
+def compile_limits(n_models: int = 1):
+    """Dynamo settings under which compiled timings can be trusted.
 
+    Dynamo keeps at most `recompile_limit` (8) graphs per code object, shared by every model of the same
+    classes, and past it falls back to eager with only a log warning: the ninth method compiled in one
+    process would be timed eager and labelled compiled. Here the limits grow with the number of models
+    (a method whose token counts vary per image compiles to one graph per block between graph breaks), and
+    hitting them is an error (`compiled` then says the model runs eager)."""
+    import torch._dynamo.config as config
+
+    saved = config.recompile_limit, config.accumulated_recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit = max(8, 64 * n_models)
+    config.accumulated_recompile_limit = max(256, 256 * n_models)
+    config.fail_on_recompile_limit_hit = True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.accumulated_recompile_limit, config.fail_on_recompile_limit_hit = saved
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compiled(model: torch.nn.Module, inputs: list[torch.Tensor], dtype: str) -> tuple[torch.nn.Module, float, str]:
+    """(`torch.compile` (inductor) of `model`, seconds its first calls on each of `inputs` took, what ran).
+
+    Compile time is reported apart, never inside a throughput: every input shape the timing will use is
+    compiled here, then called once more to check that nothing recompiles at timing time. What ran is
+    'compiled, N graphs' (more graphs than one: graph breaks, where data-dependent token counts or Python
+    steps run eager between compiled pieces), or 'eager (...)' with the reason when compiling fails: the
+    model is then timed as it is, and says so. Call it under `compile_limits`."""
     from tokenbench import measure
 
     fast = torch.compile(model)
+    before = graphs_compiled()
     start = time.perf_counter()
-    with torch.inference_mode(), measure.autocast(images.device, dtype):
-        fast(images)
-    return fast, time.perf_counter() - start
+    try:
+        with torch.inference_mode(), measure.autocast(inputs[0].device, dtype):
+            for x in inputs:
+                fast(x)
+            seconds, graphs = time.perf_counter() - start, graphs_compiled() - before
+            for x in inputs:
+                fast(x)
+    except Exception as err:  # noqa: BLE001 - any compiler failure: time the eager model, and say why
+        return model, float("nan"), f"eager ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+    if graphs_compiled() - before != graphs:
+        return model, float("nan"), "eager (recompiles at every call)"
+    if graphs == 0:  # an earlier model of the same code and shapes: dynamo reuses its graphs
+        return fast, seconds, "compiled, graphs reused"
+    return fast, seconds, f"compiled, {graphs} graph{'s' if graphs != 1 else ''}"
 
 
 def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_sizes=(32,), rounds: int = 7,
@@ -55,7 +99,8 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     """One row per batch size and model (dense first, then each (method, knobs) of `cells`): GMACs per image,
     GMACs ratio, median ms per batch, median speedup over dense and its IQR, speedup / GMACs ratio, and the
     attention kernels it ran (`measure.attention_kernels`). With `compile`, every model (dense included) is
-    compiled first, the speedups are over the compiled dense model and `compile_s` says what compiling took."""
+    compiled first (`compiled`), the speedups are over the compiled dense model, `compile_s` says what
+    compiling took and `ran` whether it ran compiled (and in how many graphs) or eager, and why."""
     import statistics
 
     from tokenbench import api, measure, models
@@ -73,14 +118,20 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     gmacs = [api.gmacs(m, probe).mean().item() for m in built]
     kernels = [measure.attention_kernels(m, probe[:2], dtype) for m in built]
     labels = [("none", "-")] + [(name, knob_label(knobs)) for name, knobs in cells]
-    compile_s = [float("nan")] * len(built)
+    compile_s, ran = [float("nan")] * len(built), ["eager"] * len(built)
+    if compile:  # compile times of this table's own, not graphs cached by an earlier call
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
     rows = []
     for batch in batch_sizes:
         images = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
         timed = built
         if compile:  # per batch size: a new shape is a new graph
-            timed, compile_s = zip(*(compiled(m, images, dtype) for m in built))
-            log(f"batch {batch}: compiled in " + ", ".join(f"{n} {t:.0f} s" for (n, _), t in zip(labels, compile_s)))
+            with compile_limits(len(built)):
+                timed, compile_s, ran = zip(*(compiled(m, [images], dtype) for m in built))
+            log(f"batch {batch}: " + ", ".join(f"{n} {r} in {t:.0f} s" if t == t else f"{n} {r}"
+                                               for (n, _), t, r in zip(labels, compile_s, ran)))
         times, _ = measure.interleaved_seconds(list(timed), images, dtype, repeats=rounds, warmup_rounds=warmup,
                                                warmup_s=0.0, min_repeat_s=0.0)
         speedup, iqr = measure.speedups(times)
@@ -89,7 +140,7 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
             rows.append({"batch_size": batch, "method": name, "knobs": knobs, "gmacs": gmacs[j], "gmacs_ratio": ratio,
                          "ms_per_batch": 1e3 * statistics.median(times[:, j]), "speedup": speedup[j],
                          "iqr": iqr[j] if j else float("nan"), "speedup_per_gmacs_ratio": speedup[j] / ratio,
-                         "attention": kernels[j], "compile_s": compile_s[j]})
+                         "attention": kernels[j], "compile_s": compile_s[j], "ran": ran[j]})
         log(f"batch {batch}: " + ", ".join(f"{n} {s:.2f}x" for (n, _), s in zip(labels[1:], speedup[1:])))
     return pd.DataFrame(rows)
 

@@ -128,16 +128,3 @@ def test_attention_kernels_name_the_path_each_method_ran():
     with sdpa_kernel(SDPBackend.MATH):
         assert attention_kernels(api.apply(vit, "tome", r=4), images) == "math"
     assert attention_kernels(vit, images) is None  # a bare timm model: not tokenbench's blocks
-
-
-@pytest.mark.slow
-def test_speed_compiled_times_compiled_dense_and_reports_compile_time_apart(capsys):
-    """--compile: every model compiled by inductor first (the first call, timed apart), then interleaved as usual;
-    speedups are over the compiled dense model."""
-    assert run("speed", "--model", "vit_digits", "--cell", "topk:keep=0.5", "--batch-size", "4", "--rounds", "2",
-               "--warmup", "0", "--compile") == 0
-    out = capsys.readouterr().out
-    assert "fp32, compiled, 2 rounds" in out and "compiled in none" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("none ", "topk "))}
-    assert float(rows["none"][-1]) > 0 and float(rows["topk"][-1]) > 0  # compile seconds, reported apart
-    assert float(rows["topk"][5]) > 0  # a speedup over compiled dense was measured

@@ -32,6 +32,8 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median and IQR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-timing", action="store_true", help="skip throughput and latency (accuracy and GMACs only)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every model (dense too) compiled by torch.compile (inductor); compile time apart")
     p.add_argument("--budget", type=float, default=None, metavar="F",
                    help="matched compute: per method, the knob value with GMACs <= F x dense instead of the sweep "
                         "(searched; adaptive methods calibrated on the val split)")
@@ -71,7 +73,7 @@ def sweep_arguments(args) -> dict:
                 out=args.out, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                 threads=args.threads, repeats=args.repeats, seed=args.seed, timing=not args.no_timing,
                 budget=args.budget, knobs=given_knobs(args), strict=args.strict, cache_dir=args.cache_dir,
-                workers=args.workers, shard=args.shard)
+                workers=args.workers, shard=args.shard, compile=args.compile)
 
 
 def check_arguments(args) -> None:

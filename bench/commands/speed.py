@@ -69,9 +69,9 @@ def run(args):
                                  for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])],
         compile_s=table["compile_s"].map(lambda v: "-" if v != v else f"{v:.0f}"))
     headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio",
-               "attention", "compile s"]
+               "attention", "compile s", "ran"]
     if not args.compile:
-        shown, headers = shown.drop(columns="compile_s"), headers[:-1]
+        shown, headers = shown.drop(columns=["compile_s", "ran"]), headers[:-2]
     if not args.batch_sizes:
         shown, headers = shown.drop(columns="batch_size"), headers[1:]
     print(tabulate(shown.values.tolist(), headers=headers, disable_numparse=True))
