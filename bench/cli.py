@@ -12,7 +12,8 @@ import sys
 
 from tokenbench.errors import BenchError
 
-COMMANDS = ["methods", "bench", "leaderboard", "train", "dvt_ablation", "regression", "profile", "visualize", "speed"]
+COMMANDS = ["methods", "bench", "leaderboard", "train", "dvt_ablation", "regression", "profile", "visualize", "speed",
+            "suite"]
 
 
 def build_parser() -> argparse.ArgumentParser:

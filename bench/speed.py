@@ -145,6 +145,28 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     return pd.DataFrame(rows)
 
 
+def format_table(table: pd.DataFrame, tablefmt: str = "github") -> str:
+    """`speed_table`'s rows as text (tabulate's `tablefmt`): the batch column only when it varies, the
+    compile columns only when something was compiled."""
+    from tabulate import tabulate
+
+    compiled = table["ran"].ne("eager").any()
+    shown = table.assign(
+        gmacs=table["gmacs"].map("{:.3f}".format), gmacs_ratio=table["gmacs_ratio"].map("{:.3f}".format),
+        ms_per_batch=table["ms_per_batch"].map("{:.4g}".format), speedup=table["speedup"].map("{:.3f}".format),
+        iqr=table["iqr"].map(lambda v: "-" if v != v else f"{v:.3f}"),
+        speedup_per_gmacs_ratio=[("-" if m == "none" else f"{v:.2f}")
+                                 for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])],
+        compile_s=table["compile_s"].map(lambda v: "-" if v != v else f"{v:.0f}"))
+    headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR",
+               "speedup / GMACs ratio", "attention", "compile s", "ran"]
+    if not compiled:
+        shown, headers = shown.drop(columns=["compile_s", "ran"]), headers[:-2]
+    if shown["batch_size"].nunique() == 1:
+        shown, headers = shown.drop(columns="batch_size"), headers[1:]
+    return tabulate(shown.values.tolist(), headers=headers, disable_numparse=True, tablefmt=tablefmt)
+
+
 def plot_batch_curve(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Speedup over dense against batch size (log axis), IQR bars, each method's GMACs ratio dashed."""
     import matplotlib

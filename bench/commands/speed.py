@@ -36,10 +36,9 @@ def add_parser(sub):
 
 def run(args):
     import torch
-    from tabulate import tabulate
 
     from tokenbench import models
-    from tokenbench.speed import parse_cell, plot_batch_curve, speed_table
+    from tokenbench.speed import format_table, parse_cell, plot_batch_curve, speed_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
@@ -61,20 +60,7 @@ def run(args):
     print(setting, flush=True)
     table = speed_table(loaded.model, cells, batch_sizes, args.rounds, args.warmup, args.device, args.dtype,
                         compile=args.compile, log=lambda line: print(line, flush=True))
-    shown = table.assign(
-        gmacs=table["gmacs"].map("{:.3f}".format), gmacs_ratio=table["gmacs_ratio"].map("{:.3f}".format),
-        ms_per_batch=table["ms_per_batch"].map("{:.0f}".format), speedup=table["speedup"].map("{:.3f}".format),
-        iqr=table["iqr"].map(lambda v: "-" if v != v else f"{v:.3f}"),
-        speedup_per_gmacs_ratio=[("-" if m == "none" else f"{v:.2f}")
-                                 for m, v in zip(table["method"], table["speedup_per_gmacs_ratio"])],
-        compile_s=table["compile_s"].map(lambda v: "-" if v != v else f"{v:.0f}"))
-    headers = ["batch", "method", "knobs", "GMACs", "GMACs ratio", "ms / batch", "speedup", "IQR", "speedup / GMACs ratio",
-               "attention", "compile s", "ran"]
-    if not args.compile:
-        shown, headers = shown.drop(columns=["compile_s", "ran"]), headers[:-2]
-    if not args.batch_sizes:
-        shown, headers = shown.drop(columns="batch_size"), headers[1:]
-    print(tabulate(shown.values.tolist(), headers=headers, disable_numparse=True))
+    print(format_table(table, "simple"))
     if args.plot:
         print(f"wrote {plot_batch_curve(table, args.plot, setting)}")
     return 0
