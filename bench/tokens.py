@@ -43,6 +43,7 @@ class Position(enum.Enum):
     QUERIES = "inside attention: which tokens are computed as queries"  # ATS
     BEFORE_BLOCK = "before the block, from its input"  # DynamicViT
     ONE_STEP_AHEAD = "at the start of the block, from its own attention map, which is merged too"  # MCTF
+    AFTER_BLOCK = "after the block's MLP, from the block's attention"  # VisionZip
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Merge(Decision):
     `dropped`: entries of `merged` that are removed rather than merged (no feature, size or patch passes on),
     so one decision can prune some images and merge others; an image that only drops keeps its tokens as
     they were.
+    `added` (VisionZip's contextual tokens): the kept token is not averaged in; the output is the kept token
+    plus the plain mean of the tokens merged into it (unchanged when none is); `weight` and `eps` do not apply.
     """
 
     kept: torch.Tensor
@@ -130,6 +133,7 @@ class Merge(Decision):
     eps: float | torch.Tensor = 0.0  # or [B, K], one per output token
     mlerp: bool = False
     dropped: torch.Tensor | None = None  # [B, M] bool: these merged tokens are simply removed (PPT's pruning)
+    added: bool = False  # VisionZip: each kept token plus the mean of the tokens merged into it
 
 
 @dataclass(kw_only=True)
@@ -337,7 +341,8 @@ class ReducibleBlock(nn.Module):
         if position is Position.BEFORE_BLOCK:
             x = self.apply_decision(x, state, reducer.decide(x, state, AttentionInfo(received=state.received)))
         n_attn = state.valid_counts(x)
-        needs = reducer.needs if position in (Position.AFTER_ATTENTION, Position.QUERIES) else Need.NOTHING
+        asks = (Position.AFTER_ATTENTION, Position.QUERIES, Position.AFTER_BLOCK)
+        needs = reducer.needs if position in asks else Need.NOTHING
         if self.exports_received:
             needs = needs | Need.LOGITS
         selecting = position is Position.QUERIES
@@ -362,6 +367,8 @@ class ReducibleBlock(nn.Module):
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if state.mask is not None:
             x = x * state.mask[..., None]
+        if position is Position.AFTER_BLOCK:
+            x = self.apply_decision(x, state, reducer.decide(x, state, info))
         return x
 
     def forward_one_step_ahead(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -455,8 +462,10 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     into = flat_rows(decision.into, decision.kept.shape[1])
     passes = None if decision.dropped is None else ~decision.dropped.flatten()
 
-    def merge(t):
+    def merge(t, kept_too=True):
         out = gather_tokens(t, decision.kept)
+        if not kept_too:
+            out = torch.zeros_like(out)
         sources = gather_tokens(t, decision.merged).flatten(0, 1)
         if passes is not None:
             sources = sources * passes.view(-1, *[1] * (sources.dim() - 1)).to(sources.dtype)
@@ -465,6 +474,12 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
         return out
 
     size = torch.ones_like(x[..., :1]) if state.size is None else state.size
+    if decision.added:  # kept token + plain mean of the tokens merged into it (a count of 0 counts as 1)
+        state.size = merge(size)
+        if state.source is not None:
+            state.source = merge(state.source)
+        mean = merge(x, kept_too=False) / merge(torch.ones_like(size), kept_too=False).clamp(min=1)
+        return gather_tokens(x, decision.kept) + mean
     weight = size if decision.weight is None else decision.weight[..., None].to(x.dtype)
     out = merge(x * weight if decision.weight is not None or state.size is not None else x)
     total = merge(weight)

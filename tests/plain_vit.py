@@ -51,11 +51,11 @@ def deit_small():
     return timm.create_model("deit_small_patch16_224").eval()
 
 
-def plain_logits(vit, image, reduce=None, proportional=True):
+def plain_logits(vit, image, reduce=None, proportional=True, after=None):
     """Logits of one image [1, 3, H, W] through timm's modules with explicit attention.
 
     `reduce(i, x, attn, keys, values, size)` runs after block i's attention residual and returns the new
-    (x, size); `size` [1, N, 1] starts at ones and, if `proportional`, adds log(size) to the attention
+    (x, size); `after(i, x, attn, keys)` runs after block i's MLP and returns the new x; `size` [1, N, 1] starts at ones and, if `proportional`, adds log(size) to the attention
     logits (proportional attention; a no-op while every size is 1).
     """
     x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image)))
@@ -75,6 +75,8 @@ def plain_logits(vit, image, reduce=None, proportional=True):
         if reduce is not None:
             x, size = reduce(i, x, attn, k, v, size)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        if after is not None:
+            x = after(i, x, attn, k)
     x = vit.norm(x)
     if vit.global_pool == "token":
         pooled = x[:, 0]
