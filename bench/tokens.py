@@ -34,6 +34,7 @@ class Need(enum.Flag):
     VALUES = enum.auto()
     LOGITS = enum.auto()  # the full pre-softmax N x N map (forces the unfused path)
     RECEIVED = enum.auto()  # BEFORE_BLOCK only: the attention each token received in the previous block
+    PLAIN_WEIGHTS = enum.auto()  # the softmax map without the size bias (vid-TLDR's saliency; forces the unfused path)
 
 
 class Position(enum.Enum):
@@ -84,6 +85,7 @@ class AttentionInfo:
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
+    plain_weights: torch.Tensor | None = None  # [B, H, N, N] softmax of the logits without the size bias
 
 
 @dataclass(kw_only=True)
@@ -119,6 +121,8 @@ class Merge(Decision):
     with proportional attention later blocks give a merged token more attention (log size on its logits).
     `mlerp` (ToFu): rescale each output token to the largest norm among the tokens it absorbed, dividing by
     the norm its kept token had before merging (the official code's form).
+    `weighted_size` (vid-TLDR): sizes add up with the weights too, so a token merged with weight w x its size
+    passes on w x its size (without it, sizes add up in full).
     `dropped`: entries of `merged` that are removed rather than merged (no feature, size or patch passes on),
     so one decision can prune some images and merge others; an image that only drops keeps its tokens as
     they were.
@@ -134,6 +138,7 @@ class Merge(Decision):
     mlerp: bool = False
     dropped: torch.Tensor | None = None  # [B, M] bool: these merged tokens are simply removed (PPT's pruning)
     added: bool = False  # VisionZip: each kept token plus the mean of the tokens merged into it
+    weighted_size: bool = False
 
 
 @dataclass(kw_only=True)
@@ -270,13 +275,15 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
         if weights is not None:
             rows = query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
             logits, weights = logits.gather(2, rows), weights.gather(2, rows)
-    if weights is None and attn.fused_attn and Need.LOGITS not in needs:
+    if weights is None and attn.fused_attn and not needs & (Need.LOGITS | Need.PLAIN_WEIGHTS):
         note_kernel(q, k, v, bias)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
         if weights is None:
             logits = (q * attn.scale) @ k.transpose(-2, -1)
+            if Need.PLAIN_WEIGHTS in needs:
+                info.plain_weights = logits.softmax(dim=-1)
             if bias is not None:
                 logits = logits + bias
             weights = attn.attn_drop(logits.softmax(dim=-1))
@@ -483,7 +490,7 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     weight = size if decision.weight is None else decision.weight[..., None].to(x.dtype)
     out = merge(x * weight if decision.weight is not None or state.size is not None else x)
     total = merge(weight)
-    state.size = total if decision.weight is None else merge(size)
+    state.size = total if decision.weight is None or decision.weighted_size else merge(size)
     if state.source is not None:
         state.source = merge(state.source)
     eps = decision.eps

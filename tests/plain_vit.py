@@ -51,11 +51,12 @@ def deit_small():
     return timm.create_model("deit_small_patch16_224").eval()
 
 
-def plain_logits(vit, image, reduce=None, proportional=True, after=None):
+def plain_logits(vit, image, reduce=None, proportional=True, after=None, plain_attention=False):
     """Logits of one image [1, 3, H, W] through timm's modules with explicit attention.
 
     `reduce(i, x, attn, keys, values, size)` runs after block i's attention residual and returns the new
-    (x, size); `after(i, x, attn, keys)` runs after block i's MLP and returns the new x; `size` [1, N, 1] starts at ones and, if `proportional`, adds log(size) to the attention
+    (x, size); `after(i, x, attn, keys)` runs after block i's MLP and returns the new x; with
+    `plain_attention` both get the softmax map without the size bias; `size` [1, N, 1] starts at ones and, if `proportional`, adds log(size) to the attention
     logits (proportional attention; a no-op while every size is 1).
     """
     x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image)))
@@ -67,10 +68,13 @@ def plain_logits(vit, image, reduce=None, proportional=True, after=None):
         q, k, v = attn_layer.qkv(h).reshape(1, n, 3, attn_layer.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = attn_layer.q_norm(q), attn_layer.k_norm(k)
         logits = q @ k.transpose(-2, -1) * attn_layer.scale
+        plain = logits.softmax(dim=-1)
         if proportional:
             logits = logits + size[..., 0].log()[:, None, None, :]
         attn = logits.softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(1, n, c)
+        if plain_attention:
+            attn = plain
         x = x + blk.ls1(attn_layer.proj(attn_layer.norm(out)))
         if reduce is not None:
             x, size = reduce(i, x, attn, k, v, size)
