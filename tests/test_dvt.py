@@ -259,6 +259,21 @@ def test_reuse_table_charges_reuse_over_the_cascade_without_it(images):
 SHIPPED_CASCADES = sorted(p.name for p in models.shipped("dvt_*.pt"))
 
 
+@pytest.mark.parametrize("dataset", ["digits", "cifar10"])
+def test_four_cascades_ship_per_dataset_one_per_reuse_setting(dataset):
+    """The paper's reuse ablation needs the same cascade trained four ways, each with the command that made it."""
+    from tokenbench.methods.dvt.ablation import reuse_label
+
+    found = {}
+    for name in SHIPPED_CASCADES:
+        loaded = models.load_model(checkpoint=models.asset(name))
+        if loaded.meta["dataset"] == dataset:
+            command = loaded.meta["command"]
+            assert command.startswith(f"tokenbench train --model dvt_{dataset} --method dvt --reuse "), command
+            found[reuse_label(loaded.model)] = command.split("--reuse ")[1].split()[0]
+    assert found == {"feature + relation": "both", "feature": "feature", "relation": "relation", "none": "none"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED_CASCADES)
 def test_shipped_cascades_reach_their_recorded_exit_accuracies(name):
