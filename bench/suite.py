@@ -23,7 +23,7 @@ from tokenbench.errors import BenchError
 # Every training-free method near 0.6 x dense GMACs on DeiT-S (DVT and DynamicViT need weights trained with them).
 SPEED_CELLS = ("topk:keep=0.7", "evit:keep=0.7", "tome:r=13", "random:keep=0.7", "ats:sample_rate=0.5",
                "tofu:r=13", "pitome:ratio=0.9", "mctf:r=16", "ppt:r=50", "kmedoids:keep=0.7", "dpcknn:keep=0.7",
-               "atc:keep=0.7")
+               "atc:keep=0.7", "visionzip:dominant=0.4", "vidtldr:r=0.15")
 TARGET_CELLS = ("evit:keep=0.7", "topk:keep=0.7", "tome:r=13")
 TARGET = 0.9  # measured speedup / GMACs ratio the targets must reach
 
