@@ -42,6 +42,9 @@ def candidates(knob: Knob, model: nn.Module) -> list:
         grid = [round(top - i * FLOAT_STEP, 6) for i in range(int(round((top - max(knob.low, 0.0)) / FLOAT_STEP)))]
         grid = [v for v in grid if v > knob.low or (knob.low_inclusive and v == knob.low)]
         return ([knob.noop] if knob.noop != top else []) + grid
+    if knob.kind is float and knob.noop == knob.low:  # fractions removed (vid-TLDR's r): 0, 0.005, ... below 1
+        top = min(knob.high, 1.0)
+        return [round(knob.noop + i * FLOAT_STEP, 6) for i in range(int(round((top - knob.noop) / FLOAT_STEP)))]
     raise BenchError(f"cannot search knob {knob.name!r} for a budget: its no-op is not at an end of its range")
 
 

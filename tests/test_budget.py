@@ -37,9 +37,11 @@ def test_candidates_run_from_the_noop_outward(vit):
     assert keep[:3] == [1.0, 0.995, 0.99] and keep[-1] == 0.005 and len(keep) == 200
     assert candidates(get_method("ats").knobs[0], vit)[:3] == [math.inf, 1.0, 0.995]
     assert candidates(get_method("tome").knobs[0], vit)[:3] == [0, 1, 2]
+    merged = candidates(get_method("vidtldr").knobs[0], vit)  # a fraction merged: from 0 up, below 1
+    assert merged[:3] == [0.0, 0.005, 0.01] and merged[-1] == 0.995
 
 
-@pytest.mark.parametrize("method", ["topk", "evit", "tome"])
+@pytest.mark.parametrize("method", ["topk", "evit", "tome", "vidtldr"])
 def test_fixed_rate_choice_is_the_largest_within_budget(vit, images, method):
     dense = dense_gmacs(vit, images)
     choice = search_knobs(get_method(method), vit, 0.6, images, dense)
