@@ -100,9 +100,9 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     GMACs ratio, median ms per batch, median speedup over dense and its IQR, speedup / GMACs ratio, and the
     attention kernels it ran (`measure.attention_kernels`). With `compile`, every model (dense included) is
     compiled first (`compiled`), the speedups are over the compiled dense model, `compile_s` says what
-    compiling took and `ran` whether it ran compiled (and in how many graphs) or eager, and why; a last row
-    per batch size, knobs 'eager', is the eager dense model timed in the same rounds (its speedup below 1 is
-    what compiling buys dense)."""
+    compiling took and `ran` whether it ran compiled (and in how many graphs) or eager, and why; every model
+    is then also timed eager in the same rounds, in rows with `ran` 'eager' and speedups over eager dense,
+    so what compiling changes (dense's ms per batch, each method's speedup) is measured side by side."""
     import statistics
 
     from tokenbench import api, measure, models
@@ -128,26 +128,29 @@ def speed_table(model: torch.nn.Module, cells: list[tuple[str, dict]], batch_siz
     rows = []
     for batch in batch_sizes:
         images = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-        timed, names = list(built), labels
+        timed = list(built)
         if compile:  # per batch size: a new shape is a new graph
             with compile_limits(len(built)):
                 timed, compile_s, ran = map(list, zip(*(compiled(m, [images], dtype) for m in built)))
             log(f"batch {batch}: " + ", ".join(f"{n} {r} in {t:.0f} s" if t == t else f"{n} {r}"
                                                for (n, _), t, r in zip(labels, compile_s, ran)))
-            # the eager dense model, timed in the same rounds: what compiling itself buys
-            timed, names = timed + [built[0]], labels + [("none", "eager")]
-            compile_s, ran = compile_s + [float("nan")], ran + ["eager"]
+            timed += built  # every model eager too, in the same rounds: what compiling changes, side by side
         times, _ = measure.interleaved_seconds(timed, images, dtype, repeats=rounds, warmup_rounds=warmup,
                                                warmup_s=0.0, min_repeat_s=0.0)
-        speedup, iqr = measure.speedups(times)
-        for j, (name, knobs) in enumerate(names):
-            j_model = j if j < len(built) else 0
-            ratio = gmacs[0] / gmacs[j_model]
-            rows.append({"batch_size": batch, "method": name, "knobs": knobs, "gmacs": gmacs[j_model], "gmacs_ratio": ratio,
-                         "ms_per_batch": 1e3 * statistics.median(times[:, j]), "speedup": speedup[j],
-                         "iqr": iqr[j] if j else float("nan"), "speedup_per_gmacs_ratio": speedup[j] / ratio,
-                         "attention": kernels[j_model], "compile_s": compile_s[j], "ran": ran[j]})
-        log(f"batch {batch}: " + ", ".join(f"{n} {k} {s:.2f}x" for (n, k), s in zip(names[1:], speedup[1:])))
+        groups = [(times[:, :len(built)], compile_s, ran)]
+        if compile:
+            groups.append((times[:, len(built):], [float("nan")] * len(built), ["eager"] * len(built)))
+        for group_times, group_compile_s, group_ran in groups:
+            speedup, iqr = measure.speedups(group_times)
+            for j, (name, knobs) in enumerate(labels):
+                ratio = gmacs[0] / gmacs[j]
+                rows.append({"batch_size": batch, "method": name, "knobs": knobs, "gmacs": gmacs[j],
+                             "gmacs_ratio": ratio, "ms_per_batch": 1e3 * statistics.median(group_times[:, j]),
+                             "speedup": speedup[j], "iqr": iqr[j] if j else float("nan"),
+                             "speedup_per_gmacs_ratio": speedup[j] / ratio, "attention": kernels[j],
+                             "compile_s": group_compile_s[j], "ran": group_ran[j]})
+            log(f"batch {batch} ({group_ran[0].split(',')[0]}): "
+                + ", ".join(f"{n} {k} {x:.2f}x" for (n, k), x in zip(labels[1:], speedup[1:])))
     return pd.DataFrame(rows)
 
 
@@ -183,6 +186,8 @@ def plot_batch_curve(table: pd.DataFrame, path: str | Path, title: str = "") -> 
     from tokenbench.leaderboard import style_of
     from tokenbench.registry import all_methods
 
+    if table["ran"].ne("eager").any():  # a compiled table also has its eager rows: draw the compiled curves
+        table = table[table["ran"].ne("eager")]
     style = style_of(sorted(set(all_methods()) | set(table["method"])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, knobs), rows in table[table["method"] != "none"].groupby(["method", "knobs"], sort=False):
