@@ -30,12 +30,12 @@ FAMILIES = ("none", "prune", "merge", "early-exit")
 # `train` under its own name, so it may not take one of these (tests/test_cli.py keeps the list complete).
 HARNESS_OPTIONS = frozenset({
     "array_parallelism", "backbone", "baseline", "batch_size", "batch_sizes", "budget", "budgets", "cache_dir",
-    "cell", "checkpoint", "checkpoints", "cluster", "command", "compile", "count", "cpus_per_task", "data_root",
-    "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images", "init", "jobs", "lr",
-    "method", "methods", "model", "no_timing", "nodes", "out", "pairs", "part", "plot", "pretrained", "protocol",
-    "repeats", "results", "resume", "reuse", "rounds", "run", "seed", "shard", "slurm_account", "slurm_partition",
-    "snapshot", "split", "strict", "submitit", "submitit_folder", "threads", "timeout_min", "tolerance", "update",
-    "warmup", "warmup_epochs", "workers",
+    "cell", "checkpoint", "checkpoints", "cifar10_root", "cluster", "command", "compile", "count", "cpus_per_task",
+    "data_root", "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images", "init", "jobs",
+    "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot", "pretrained",
+    "protocol", "quick", "repeats", "results", "resume", "reuse", "rounds", "run", "seed", "shard", "slurm_account",
+    "slurm_partition", "snapshot", "split", "strict", "submitit", "submitit_folder", "threads", "timeout_min",
+    "tolerance", "update", "warmup", "warmup_epochs", "workers",
 })
 
 
