@@ -26,26 +26,40 @@ def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:
 
 
 class BipartiteMergeReducer(TokenReducer):
+    """ToMe's bipartite matching. Variants (vid-TLDR) override what is counted, compared and scored."""
+
     needs = Need.KEYS
+    sort_unmerged = False  # ToMe keeps the unmerged A tokens in their order only when there is a class token
 
     def __init__(self, r: int):
         super().__init__()
         self.r = r
 
+    def merge_count(self, n: int) -> int:
+        """Tokens to merge among the block's n tokens (before the cap at half the candidates)."""
+        return self.r
+
+    def metric(self, x, info):
+        """[B, N, d] features whose cosine similarity matches tokens: the block's keys averaged over heads."""
+        return info.keys.mean(dim=1)
+
+    def similarity(self, a, b):
+        return a @ b.transpose(1, 2)
+
     def decide(self, x, state, info):
         p, n = state.prefix, x.shape[1]
-        r = min(self.r, (n - p) // 2)
+        r = min(self.merge_count(n), (n - p) // 2)
         if r <= 0:
             return None
         # A: even positions, B: odd positions (as in ToMe); prefix tokens belong to neither.
         a_start, b_start = p + p % 2, p + 1 - p % 2
-        metric = info.keys.mean(dim=1)
+        metric = self.metric(x, info)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, a_start::2], metric[:, b_start::2]
-        best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # each A token's most similar B token
+        best, partner = self.similarity(a, b).max(dim=-1)  # each A token's most similar B token
         order = best.argsort(dim=-1, descending=True)
         merged, unmerged = order[:, :r], order[:, r:]
-        if p:  # ToMe keeps the A tokens in their order when there is a class token
+        if p or self.sort_unmerged:
             unmerged = unmerged.sort(dim=1).values
         # Output [prefix, unmerged A, B]; each merged A token goes into its B partner.
         batch, n_b = x.shape[0], b.shape[1]

@@ -22,10 +22,14 @@ Deviations:
 - precision: the official merge runs in float32 whatever the model's dtype; here it runs in the model's.
 """
 
+import dataclasses
+
 import torch
 
 from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, TokenReducedViT, TokenReducer
+from tokenbench.tokens import Need, TokenReducedViT
+
+from .tome import BipartiteMergeReducer
 
 BLOCKS = (0, 1, 2)
 
@@ -42,36 +46,32 @@ def saliency(weights: torch.Tensor) -> torch.Tensor:
     return score.masked_fill(background, 0.0)
 
 
-class SalientMergeReducer(TokenReducer):
-    needs = Need.PLAIN_WEIGHTS
+class SalientMergeReducer(BipartiteMergeReducer):
+    """ToMe's matching on the output tokens, (cos + 1) / 2, unmerged A tokens always in their order; each
+    merged token weighted by its saliency."""
 
-    def __init__(self, r: float):
-        super().__init__()
-        self.r = r
+    needs = Need.PLAIN_WEIGHTS
+    sort_unmerged = True
+
+    def merge_count(self, n):
+        return int(n * self.r) if self.r < 1 else int(self.r)
+
+    def metric(self, x, info):
+        return x
+
+    def similarity(self, a, b):
+        return (a @ b.transpose(1, 2) + 1) / 2
 
     def decide(self, x, state, info):
-        p, n = state.prefix, x.shape[1]
-        r = int(n * self.r) if self.r < 1 else int(self.r)
-        r = min(r, (n - p) // 2)
-        if r <= 0:
+        match = super().decide(x, state, info)
+        if match is None:
             return None
-        weights = info.plain_weights[:, :, p:, p:] if p else info.plain_weights
-        importance = saliency(weights)  # [B, N - p]
-        a_start, b_start = p + p % 2, p + 1 - p % 2  # as ToMe: the class token and the even positions are A
-        metric = x / x.norm(dim=-1, keepdim=True)
-        a, b = metric[:, a_start::2], metric[:, b_start::2]
-        best, partner = ((a @ b.transpose(1, 2) + 1) / 2).max(dim=-1)
-        order = best.argsort(dim=-1, descending=True)
-        merged, unmerged = order[:, :r], order[:, r:].sort(dim=1).values
-        batch, n_b = x.shape[0], b.shape[1]
-        prefix = torch.arange(p, device=x.device).expand(batch, p)
-        b_tokens = b_start + 2 * torch.arange(n_b, device=x.device).expand(batch, n_b)
-        sources = a_start + 2 * merged
+        p = state.prefix
+        importance = saliency(info.plain_weights[:, :, p:, p:] if p else info.plain_weights)  # [B, N - p]
+        sources = match.merged
         size = torch.ones_like(x[..., 0]) if state.size is None else state.size[..., 0]
         weight = size.scatter(1, sources, size.gather(1, sources) * importance.gather(1, sources - p))
-        return Merge(kept=torch.cat([prefix, a_start + 2 * unmerged, b_tokens], dim=1), merged=sources,
-                     into=n - r - n_b + partner.gather(1, merged), weight=weight, weighted_size=True,
-                     macs=a.shape[1] * b.shape[1] * a.shape[2])
+        return dataclasses.replace(match, weight=weight, weighted_size=True)
 
 
 @register_method
