@@ -154,9 +154,9 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     `methods`: 'all', 'a,b' or a list of names. `knobs`: sweep values that replace a method's defaults,
     {name: 'v,v' or a list}. `out`: a folder to append the rows to (`OUT/results.jsonl`; resumable), or None.
     `timing=False` records accuracy and GMACs only; `compile=True` times every model (dense included)
-    compiled by inductor, compile time apart (accuracy and GMACs are measured eager). The dense model is measured too when `methods` does not
-    name it (its row has `baseline` set), so that every row has its reference. The other arguments are the
-    `tokenbench bench` options.
+    compiled by inductor, compile time apart (accuracy and GMACs are measured eager). The dense model is
+    measured too when `methods` does not name it (its row has `baseline` set), so that every row has its
+    reference. The other arguments are the `tokenbench bench` options.
     """
     names = resolve_methods(methods if isinstance(methods, str) else ",".join(methods))
     overrides = knob_overrides(names, knobs or {})

@@ -319,7 +319,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
                 section = Section(heading, settings, table, values={"top-1 %": 100 * g["top1"]},
                                   provenance=dense.iloc[-1]["provenance"] if len(dense) else {})
                 if not matched:  # plots of the sweep; a matched budget is one point per method
-                    stem = out_dir / "plots" / slug(dataset, model, device, dtype, f"b{batch}", *(["compiled"] if compile else []))
+                    parts = [dataset, model, device, dtype, f"b{batch}"] + (["compiled"] if compile else [])
+                    stem = out_dir / "plots" / slug(*parts)
                     for path, svg in plot_group(g, title, stem, style):
                         lines += ["", f"![{path.stem}](plots/{path.name})"]
                         section.plots.append(svg)

@@ -99,7 +99,7 @@ def gpu_suite(out: str | Path, cifar10_root: str | None = None, device: str = "c
             if len(batches) > 1:
                 summary += [f"![{stem}](speed_{stem}.png)", ""]
             if stem == f"{plan.speed_models[0]}_bf16_batch_curve":
-                summary += target_lines(table[table["batch_size"] == big], plan.target_cells)
+                summary += target_lines(table[table["batch_size"] == big], zip(plan.target_cells, targets))
             parts.append((f"speed {stem}", time.perf_counter() - part))
     for dataset, model, methods in plan.boards:
         if dataset == "cifar10" and cifar10_root is None:
@@ -126,14 +126,13 @@ def gpu_suite(out: str | Path, cifar10_root: str | None = None, device: str = "c
     return path
 
 
-def target_lines(table, target_cells: tuple[str, ...]) -> list[str]:
-    """The issue's GPU target as lines of the summary: speedup / GMACs ratio at least TARGET per target cell."""
+def target_lines(table, targets) -> list[str]:
+    """The issue's GPU target as lines of the summary: speedup / GMACs ratio at least TARGET per target cell,
+    given as (cell text, (method, knobs)) pairs."""
     from tokenbench.registry import knob_label
-    from tokenbench.speed import parse_cell
 
     lines = [f"Target (speedup ≥ {TARGET} × GMACs ratio at batch {int(table['batch_size'].iloc[0])}, bf16):", ""]
-    for cell in target_cells:
-        name, knobs = parse_cell(cell)
+    for cell, (name, knobs) in targets:
         row = table[(table["method"] == name) & (table["knobs"] == knob_label(knobs))].iloc[0]
         ok = row["speedup_per_gmacs_ratio"] >= TARGET
         lines.append(f"- {cell}: {row['speedup']:.2f}× for a GMACs ratio of {row['gmacs_ratio']:.2f} "

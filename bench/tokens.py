@@ -470,9 +470,8 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     passes = None if decision.dropped is None else ~decision.dropped.flatten()
 
     def merge(t, kept_too=True):
-        out = gather_tokens(t, decision.kept)
-        if not kept_too:
-            out = torch.zeros_like(out)
+        out = gather_tokens(t, decision.kept) if kept_too else t.new_zeros(t.shape[0], decision.kept.shape[1],
+                                                                             *t.shape[2:])
         sources = gather_tokens(t, decision.merged).flatten(0, 1)
         if passes is not None:
             sources = sources * passes.view(-1, *[1] * (sources.dim() - 1)).to(sources.dtype)
