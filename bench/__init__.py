@@ -1,6 +1,6 @@
 """tokenbench: one harness for token-reduction methods on Vision Transformers.
 
-The Python API (see the README): `load_model`, `apply`, `gmacs`, `evaluate`, `sweep` and `methods()`. They load torch
+The Python API (see the README): `load_model`, `apply`, `gmacs`, `evaluate`, `calibrate`, `sweep` and `methods()`. They load torch
 and timm on first use, so that importing tokenbench (and starting its command line) stays fast.
 """
 
@@ -11,9 +11,9 @@ from tokenbench.errors import BenchError
 from tokenbench.registry import Knob, Method, get_method, keep_rate_knob, knob_label, register_method
 
 __version__ = importlib.metadata.version("tokenbench")
-__all__ = ["BenchError", "Knob", "Method", "apply", "evaluate", "get_method", "gmacs", "keep_rate_knob",
+__all__ = ["BenchError", "Knob", "Method", "apply", "calibrate", "evaluate", "get_method", "gmacs", "keep_rate_knob",
            "knob_label", "load_model", "methods", "register_method", "sweep"]
-_API = {"apply", "evaluate", "gmacs", "load_model", "sweep"}
+_API = {"apply", "calibrate", "evaluate", "gmacs", "load_model", "sweep"}
 
 
 def __getattr__(name: str):

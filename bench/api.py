@@ -6,6 +6,8 @@ knob values with the same code and messages.
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -13,10 +15,10 @@ import torch.nn as nn
 from tokenbench import datasets, measure, models
 from tokenbench.errors import BenchError
 from tokenbench.ledger import measure_gmacs
-from tokenbench.registry import all_methods, get_method, knob_label
+from tokenbench.registry import all_methods, get_method, knob_label, knob_overrides
 from tokenbench.harness import batches, check_options, preload, sweep, timing_batch, timing_fields
 
-__all__ = ["apply", "evaluate", "gmacs", "load_model", "method_table", "sweep"]
+__all__ = ["apply", "calibrate", "evaluate", "gmacs", "load_model", "method_table", "sweep"]
 
 
 def load_model(name: str | None = None, checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
@@ -29,16 +31,48 @@ def load_model(name: str | None = None, checkpoint: str | None = None, pretraine
     return models.load_model(name, checkpoint, pretrained).model
 
 
-def apply(model: nn.Module, method: str, **knobs) -> nn.Module:
+def apply(model: nn.Module, method: str, calibration: tuple | None = None, **knobs) -> nn.Module:
     """`model` (a timm ViT) with `method` applied at `knobs`; knobs not given take their no-op value.
 
     The result shares the model's weights and leaves it untouched. Knob names and values are checked as
     on the command line: `apply(vit, "topk", keep=1.5)` raises BenchError("topk: keep=1.5 is outside (0, 1]").
+    A method that calibrates (DiffRate's rate search, DVT's thresholds) needs `calibration` = (images, labels)
+    of a held-out split.
     """
     chosen = get_method(method)
-    if chosen.needs_calibration:
-        raise BenchError(f"{method} chooses its settings on held-out images; measure it with tokenbench.sweep")
-    return chosen.build(model, **chosen.check_knobs(knobs)).eval()
+    knobs = chosen.check_knobs(knobs)
+    if not chosen.needs_calibration:
+        return chosen.build(model, **knobs).eval()
+    if calibration is None:
+        raise BenchError(f"{method} chooses its settings on held-out images: pass calibration=(images, labels)")
+    return chosen.build(model, **knobs, calibration=calibration).eval()
+
+
+def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: str = "val",
+              data_root: str | None = None, **knobs) -> pd.DataFrame:
+    """What a calibrating method chooses on a held-out split, one row per setting (knob values or lists of them,
+    else its default sweep): the chosen settings as `Method.calibrate` returns them, the seconds it took, and the
+    result on that split: GMACs per image (and as a fraction of dense) and top-1."""
+    chosen = get_method(method)
+    if not chosen.needs_calibration:
+        raise BenchError(f"{method} does not calibrate: nothing of it is chosen on held-out images")
+    ds = datasets.build_dataset(dataset, split, datasets.eval_transform(model), data_root)
+    images, labels = preload(ds.dataset)
+    noop = chosen.noop_knobs()
+    unreduced = chosen.build(model, **noop, calibrated=chosen.calibrate(model, (images, labels), **noop)).eval()
+    dense = float(gmacs(unreduced, images[:1])[0])  # the method at its no-op setting: the dense model, every exit
+    rows = []
+    for point in chosen.sweep_points(knob_overrides([method], knobs)):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        settings = chosen.calibrate(model, (images, labels), **point)
+        seconds = time.perf_counter() - start
+        built = chosen.build(model, **point, calibrated=settings).eval()
+        result = measure.evaluate(built, batches(images, labels, 64), torch.device("cpu"), "fp32", 1).summary()
+        rows.append({"method": method, "setting": knob_label(point), **settings, "calibration_s": round(seconds, 1),
+                     "gmacs": result["gmacs"], "gmacs_fraction": result["gmacs"] / dense,
+                     "top1": result["top1"], "dataset": dataset, "split": split, "images": len(labels)})
+    return pd.DataFrame(rows)
 
 
 def _ledger_ready(model: nn.Module) -> nn.Module:

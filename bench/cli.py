@@ -12,7 +12,7 @@ import sys
 
 from tokenbench.errors import BenchError
 
-COMMANDS = ["methods", "bench", "leaderboard", "train", "dvt_ablation", "regression", "profile", "visualize", "speed",
+COMMANDS = ["methods", "bench", "leaderboard", "train", "calibrate", "dvt_ablation", "regression", "profile", "visualize", "speed",
             "suite"]
 
 

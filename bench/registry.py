@@ -126,13 +126,20 @@ class Method:
     family: ClassVar[str]
     knobs: ClassVar[tuple[Knob, ...]] = ()
     needs_training: ClassVar[bool] = False
-    needs_calibration: ClassVar[bool] = False  # build() takes calibration=(images, labels) of a held-out split
+    needs_calibration: ClassVar[bool] = False  # build() takes calibration=(images, labels) of a held-out split,
+    # or calibrated=calibrate(...)'s result
     batch_invariant: ClassVar[bool] = True  # an image's result does not depend on the other images in its batch
     summary: ClassVar[str] = ""
 
     def build(self, model: nn.Module, **knobs: Any) -> nn.Module:
         """Return the model to measure: `model` with this method applied at the given knob values."""
         raise NotImplementedError
+
+    def calibrate(self, model: nn.Module, calibration, **knobs: Any) -> dict:
+        """What a `needs_calibration` method chooses on held-out `calibration` = (images, labels) at `knobs`
+        (DVT's exit thresholds, DiffRate's rates), as plain data: `build(..., calibrated=that)` uses it as is,
+        and `tokenbench calibrate` prints it."""
+        raise NotImplementedError(f"{self.name} does not calibrate")
 
     def checkpoint_for(self, model_name: str, dataset: str):
         """Trained weights shipped for this method on (model, dataset), or None. Only for `needs_training`."""

@@ -121,8 +121,8 @@ class Merge(Decision):
     with proportional attention later blocks give a merged token more attention (log size on its logits).
     `mlerp` (ToFu): rescale each output token to the largest norm among the tokens it absorbed, dividing by
     the norm its kept token had before merging (the official code's form).
-    `weighted_size` (vid-TLDR): sizes add up with the weights too, so a token merged with weight w x its size
-    passes on w x its size (without it, sizes add up in full).
+    `passed_size` ([B, N] per token): the size each token passes on to its output token (vid-TLDR: its weight;
+    DiffRate: its size times its similarity to its destination); by default sizes add up in full.
     `dropped`: entries of `merged` that are removed rather than merged (no feature, size or patch passes on),
     so one decision can prune some images and merge others; an image that only drops keeps its tokens as
     they were.
@@ -138,7 +138,7 @@ class Merge(Decision):
     mlerp: bool = False
     dropped: torch.Tensor | None = None  # [B, M] bool: these merged tokens are simply removed (PPT's pruning)
     added: bool = False  # VisionZip: each kept token plus the mean of the tokens merged into it
-    weighted_size: bool = False
+    passed_size: torch.Tensor | None = None
 
 
 @dataclass(kw_only=True)
@@ -489,7 +489,10 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     weight = size if decision.weight is None else decision.weight[..., None].to(x.dtype)
     out = merge(x * weight if decision.weight is not None or state.size is not None else x)
     total = merge(weight)
-    state.size = total if decision.weight is None or decision.weighted_size else merge(size)
+    if decision.passed_size is not None:
+        state.size = merge(decision.passed_size[..., None].to(size.dtype))
+    else:
+        state.size = total if decision.weight is None else merge(size)
     if state.source is not None:
         state.source = merge(state.source)
     eps = decision.eps

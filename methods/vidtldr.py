@@ -71,7 +71,7 @@ class SalientMergeReducer(BipartiteMergeReducer):
         sources = match.merged
         size = torch.ones_like(x[..., 0]) if state.size is None else state.size[..., 0]
         weight = size.scatter(1, sources, size.gather(1, sources) * importance.gather(1, sources - p))
-        return dataclasses.replace(match, weight=weight, weighted_size=True)
+        return dataclasses.replace(match, weight=weight, passed_size=weight)
 
 
 @register_method

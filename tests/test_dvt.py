@@ -289,3 +289,17 @@ def test_shipped_cascades_reach_their_recorded_exit_accuracies(name):
     recorded = loaded.meta["exit_test_top1"]
     assert list(table["top-1 %"] / 100) == pytest.approx(recorded, abs=2 / len(labels))
     assert recorded[-1] == pytest.approx(loaded.meta["test_top1"], abs=1e-12)
+
+
+def test_calibrate_prints_the_thresholds_of_the_shipped_cascade(tmp_path, capsys):
+    """`tokenbench calibrate --method dvt` finds the cascade shipped for vit_digits and reports thresholds that
+    keep the cost on the held-out split within the budget."""
+    import json
+
+    from tokenbench.cli import main
+
+    out = tmp_path / "thresholds.json"
+    assert main(["calibrate", "--method", "dvt", "--cost", "0.3", "--out", str(out)]) == 0
+    assert "dvt_digits.pt" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert len(row["thresholds"]) == 2 and row["gmacs_fraction"] <= 0.3 + 1e-9 and row["top1"] > 0.85

@@ -4,7 +4,8 @@ determinism, batch invariance, the backbone left untouched.
 Run on whatever is installed: `pytest --pyargs tokenbench.testing` (`-k NAME` for one method).
 Model-level methods (family early-exit, e.g. a cascade) are built on their own architectures, and methods
 with learned parts (DynamicViT's predictors) on a backbone trained with them; both carry their own
-equivalent checks. Every other method must accept any timm ViT.
+equivalent checks. Every other method must accept any timm ViT. A method that calibrates on held-out images
+(DiffRate's rate search) calibrates once per setting on the random images, with labels 0.
 """
 
 import pytest
@@ -14,6 +15,20 @@ from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
 from tokenbench.registry import all_methods, get_method
 
 BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
+
+
+_CALIBRATED: dict = {}  # (method, setting) -> what it chose: the fixture's weights are the same in every test
+
+
+def build(method, model, knobs, images):
+    """`method` on `model` at `knobs`, calibrated on `images` if it calibrates."""
+    if not method.needs_calibration:
+        return method.build(model, **knobs)
+    key = (method.name, tuple(sorted(knobs.items())))
+    if key not in _CALIBRATED:
+        labels = torch.zeros(len(images), dtype=torch.long)
+        _CALIBRATED[key] = method.calibrate(model, (images, labels), **knobs)
+    return method.build(model, **knobs, calibrated=_CALIBRATED[key])
 
 
 def logits(model, x):
@@ -34,7 +49,7 @@ def test_noop_setting_reproduces_dense_logits(name, tiny_vit, digit_images):
     method = get_method(name)
     dense = logits(tiny_vit, digit_images)
     torch.manual_seed(0)
-    out = logits(method.build(tiny_vit, **method.noop_knobs()), digit_images)
+    out = logits(build(method, tiny_vit, method.noop_knobs(), digit_images), digit_images)
     assert torch.equal(out, dense)
 
 
@@ -44,7 +59,7 @@ def test_default_sweep_shapes_and_token_counts(name, tiny_vit, digit_images):
     dense = measure_gmacs(get_method("none").build(tiny_vit), digit_images)
     for knobs in method.sweep_points():
         torch.manual_seed(0)
-        model = method.build(tiny_vit, **knobs)
+        model = build(method, tiny_vit, knobs, digit_images)
         ledger = measure_gmacs(model, digit_images)
         out = logits(model, digit_images)
         assert out.shape == (4, 10) and torch.isfinite(out).all()
@@ -61,7 +76,7 @@ def test_same_seed_same_output(name, tiny_vit, digit_images):
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
-        runs.append(logits(method.build(tiny_vit, **knobs), digit_images))
+        runs.append(logits(build(method, tiny_vit, knobs, digit_images), digit_images))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -71,7 +86,7 @@ def test_an_image_s_result_does_not_depend_on_its_batch(name, tiny_vit, digit_im
     vit, images = tiny_vit.double(), digit_images.double()
     for knobs in method.sweep_points():
         torch.manual_seed(0)
-        model = method.build(vit, **knobs)
+        model = build(method, vit, knobs, images)
         together = logits(model, images)
         alone = torch.cat([logits(model, images[i:i + 1]) for i in range(len(images))])
         torch.testing.assert_close(alone, together, rtol=0, atol=1e-10, msg=f"{name} {knobs}")
@@ -84,7 +99,7 @@ def test_the_ledger_charges_every_matmul_torch_counts(name, tiny_vit, digit_imag
     method = get_method(name)
     for knobs in method.sweep_points():
         torch.manual_seed(0)
-        model = method.build(tiny_vit, **knobs)
+        model = build(method, tiny_vit, knobs, digit_images)
         counted = measure_gmacs(model, digit_images[:1]).matmul_gmacs.item()
         torch.manual_seed(0)
         assert counted == pytest.approx(flop_counter_gmacs(model, digit_images[:1]), rel=1e-9), knobs
@@ -105,7 +120,7 @@ def test_wrapping_leaves_the_model_untouched(name, tiny_vit, digit_images):
     before = logits(tiny_vit, digit_images)
     state = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     torch.manual_seed(0)
-    logits(method.build(tiny_vit, **method.sweep_points()[-1]), digit_images)
+    logits(build(method, tiny_vit, method.sweep_points()[-1], digit_images), digit_images)
     assert torch.equal(logits(tiny_vit, digit_images), before)
     assert all(torch.equal(v, state[k]) for k, v in tiny_vit.state_dict().items())
 
@@ -117,7 +132,7 @@ def test_the_reduced_model_is_an_ordinary_module(name, tiny_vit, digit_images):
 
     method = get_method(name)
     torch.manual_seed(0)
-    model = method.build(tiny_vit, **method.sweep_points()[0])
+    model = build(method, tiny_vit, method.sweep_points()[0], digit_images)
     seen = []
     model.apply(lambda m: seen.append(m))
     assert model in seen and len(seen) > len(tiny_vit.blocks)

@@ -62,15 +62,10 @@ class DVT(Method):
                        "(a seeded draw per image at exit fractions that meet the budget; the paper's baseline)"))
     summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
 
-    def build(self, model, cost=1.0, criterion="confidence", calibration=None):
-        from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
-
-        if not isinstance(model, DVTCascade):
-            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+    def calibrate(self, model, calibration, cost=1.0, criterion="confidence"):
+        """The exit thresholds that meet `cost` on the held-out split (none below 1: no early exit)."""
         if cost >= 1.0:
-            return EarlyExitDVT(model, [math.inf] * (len(model.stages) - 1), criterion)
-        if calibration is None:
-            raise BenchError("dvt needs a held-out split to choose its exit thresholds")
+            return {"thresholds": [math.inf] * (len(model.stages) - 1)}
         images, labels = calibration
         costs = model.exit_gmacs(images[:1])
         scores, correct = exit_outputs(model, images, labels, criterion)
@@ -78,7 +73,18 @@ class DVT(Method):
             thresholds = family_thresholds(scores, costs, cost * costs[-1])
         else:
             thresholds = search_thresholds(scores, correct, costs, cost * costs[-1])
-        return EarlyExitDVT(model, thresholds, criterion)
+        return {"thresholds": [float(t) for t in thresholds]}
+
+    def build(self, model, cost=1.0, criterion="confidence", calibration=None, calibrated=None):
+        from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
+
+        if not isinstance(model, DVTCascade):
+            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+        if calibrated is None:
+            if cost < 1.0 and calibration is None:
+                raise BenchError("dvt needs a held-out split to choose its exit thresholds")
+            calibrated = self.calibrate(model, calibration, cost, criterion)
+        return EarlyExitDVT(model, calibrated["thresholds"], criterion)
 
     def checkpoint_for(self, model_name, dataset):
         from tokenbench.models import asset
