@@ -36,16 +36,14 @@ def apply(model: nn.Module, method: str, calibration: tuple | None = None, **kno
 
     The result shares the model's weights and leaves it untouched. Knob names and values are checked as
     on the command line: `apply(vit, "topk", keep=1.5)` raises BenchError("topk: keep=1.5 is outside (0, 1]").
-    A method that calibrates (DiffRate's rate search, DVT's thresholds) needs `calibration` = (images, labels)
-    of a held-out split.
+    A method that calibrates (DiffRate's rate search, DVT's thresholds) takes `calibration` = (images, labels)
+    of a held-out split, and says so when a setting needs it.
     """
     chosen = get_method(method)
     knobs = chosen.check_knobs(knobs)
     if not chosen.needs_calibration:
         return chosen.build(model, **knobs).eval()
-    if calibration is None:
-        raise BenchError(f"{method} chooses its settings on held-out images: pass calibration=(images, labels)")
-    return chosen.build(model, **knobs, calibration=calibration).eval()
+    return chosen.build(model, **knobs, calibration=calibration).eval()  # the method says when it needs one
 
 
 def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: str = "val",

@@ -126,14 +126,18 @@ def entry_of(model: nn.Module, images: torch.Tensor) -> dict:
 
 
 def calibrated_inputs(method: Method, model_name: str, batch: int):
-    """(shipped model, calibration, images) for a method that calibrates on held-out images with its own
-    trained architecture (DVT's cascade and exit thresholds), or an error entry where no weights are shipped.
+    """(model, calibration, images) for a method that calibrates on held-out images (DVT's exit thresholds,
+    DiffRate's rate search), or an error entry where no real weights are shipped.
 
-    Random weights and noise would make every image leave at the same exit, so such a method is
-    checked on real data: its checkpoint for `model_name` on the embedded digits, calibrated on their
-    val split and measured on the first `batch` test images.
+    Random weights and noise would make every image leave at the same exit, or give the search nothing to
+    learn, so such a method is checked on real data: its checkpoint for `model_name` (a method that trains)
+    or the model's embedded weights on the embedded digits, calibrated on their val split and measured on
+    the first `batch` test images.
     """
-    checkpoint = method.checkpoint_for(model_name, CALIBRATION_DATASET)
+    if method.needs_training:
+        checkpoint = method.checkpoint_for(model_name, CALIBRATION_DATASET)
+    else:
+        checkpoint = models.asset(models.EMBEDDED_WEIGHTS[model_name]) if model_name in models.EMBEDDED_WEIGHTS else None
     if checkpoint is None:
         return {"error": f"{method.name} ships no weights for {model_name} on {CALIBRATION_DATASET}"}
     model = models.load_model(checkpoint=checkpoint).model
@@ -275,7 +279,7 @@ def timed_models(cls: type[Method], setup: SpeedSetup):
     """
     method = cls()
     if cls.needs_calibration:
-        return "chooses its thresholds on real held-out images; the speed part runs on random ones"
+        return "chooses its settings on real held-out images (thresholds, rates); the speed part runs on random ones"
     if cls.needs_training:
         checkpoint = method.checkpoint_for(setup.model, "digits")
         if checkpoint is None:

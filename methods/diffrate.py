@@ -10,7 +10,7 @@ source's size times its similarity to it (may shrink for a negative one; no clam
 Attention is proportional to the sizes. Block 0 never compresses. DeiT-S at the published 2.9 G rates
 runs 197, 194, 176, ..., 56, 3 tokens (`PUBLISHED`).
 
-The rates come from DiffRate's search (`search_rates`, the `calibrate` step, `tokenbench calibrate`): the
+The rates are the official searched ones for DeiT-S and DeiT-B (`gflops`, `PUBLISHED`), or come from DiffRate's search (`search_rates`, the `calibrate` step, `tokenbench calibrate`): the
 backbone is frozen and only each block's two distributions over candidate kept counts (every g-th count,
 g = patches // 49 at least 1: the official 4 for 196 patches) are learned. The expected count, ceiled with
 a straight-through estimator, decides a 0/1 token mask whose gradient flows to the distribution through
@@ -302,21 +302,35 @@ class DiffRate(Method):
     family = "merge"
     needs_calibration = True
     knobs = (Knob("target", (0.9, 0.7, 0.5, 0.4), noop=1.0, low=0.0, high=1.0,
-                  help="DiffRate: FLOPs target of the rate search on the held-out split, a fraction of dense"),)
+                  help="DiffRate: FLOPs target of the rate search on the held-out split, a fraction of dense"),
+             Knob("gflops", (0.0,), noop=0.0, low=0.0, low_inclusive=True,
+                  help="DiffRate: run the official searched rates at these GFLOPs instead of searching (DeiT-S "
+                       "2.3-3.1, DeiT-B 8.7-12.5); 0 searches for the target"))
     summary = "per-block prune and merge counts searched by gradient for a FLOPs target; prune by class attention, merge by similarity"
 
-    def calibrate(self, model, calibration, target=1.0):
-        """The searched per-block counts for `target` on the held-out split (every token at 1)."""
-        if target >= 1.0:
-            n = model.patch_embed.num_patches + model.num_prefix_tokens
+    def calibrate(self, model, calibration, target=1.0, gflops=0.0):
+        """The per-block counts: published ones at `gflops`, else searched for `target` on the held-out split."""
+        n = model.patch_embed.num_patches + model.num_prefix_tokens
+        if gflops:
+            rates = published(model, gflops)
+        elif target >= 1.0:
             rates = Rates((n,) * len(model.blocks), (n,) * len(model.blocks))
+        elif calibration is None:
+            raise BenchError("diffrate searches its rates on a held-out split: pass calibration=(images, labels), "
+                             "or gflops= for the published rates of DeiT-S/DeiT-B")
         else:
             rates = search_rates(model, *calibration, target)
         return {"prune": list(rates.prune), "merge": list(rates.merge), "formula_fraction": formula_fraction(model, rates)}
 
-    def build(self, model, target=1.0, calibration=None, calibrated=None):
-        if calibrated is None:
-            if target < 1.0 and calibration is None:
-                raise BenchError("diffrate searches its rates on a held-out split: pass calibration=(images, labels)")
-            calibrated = self.calibrate(model, calibration, target)
+    def build(self, model, target=1.0, gflops=0.0, calibration=None, calibrated=None):
+        calibrated = calibrated or self.calibrate(model, calibration, target, gflops)
         return with_rates(model, Rates(tuple(calibrated["prune"]), tuple(calibrated["merge"])))
+
+
+def published(model, gflops: float) -> Rates:
+    """The official searched rates of this timm model (by its architecture name) at `gflops`."""
+    name = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if (name, gflops) not in PUBLISHED:
+        given = ", ".join(f"{m} {g:g}" for m, g in PUBLISHED)
+        raise BenchError(f"diffrate: no published rates for {name} at {gflops:g} GFLOPs (published: {given})")
+    return PUBLISHED[(name, gflops)]

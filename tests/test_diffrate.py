@@ -127,3 +127,15 @@ def test_search_from_the_command_line_meets_its_target(tmp_path, capsys):
 def test_apply_asks_for_the_held_out_split():
     with pytest.raises(BenchError, match="calibration=\\(images, labels\\)"):
         api.apply(api.load_model("vit_digits"), "diffrate", target=0.5)
+
+
+def test_published_rates_by_gflops_without_a_search():
+    """`gflops` picks the official rates of the model's architecture; a value not published is an error."""
+    deit = deit_small()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        chosen = api.apply(deit, "diffrate", gflops=2.7)(images)
+        direct = with_rates(deit, PUBLISHED[("deit_small_patch16_224", 2.7)])(images)
+    assert torch.equal(chosen, direct)
+    with pytest.raises(BenchError, match="no published rates for deit_small_patch16_224 at 2.8 GFLOPs"):
+        api.apply(deit, "diffrate", gflops=2.8)
