@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from tokenbench.errors import BenchError
 from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, pool
+from tokenbench.tokens import (Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, mean_attention_received,
+                               pool)
 
 SEARCH_STEPS = 200
 SEARCH_BATCH = 32
@@ -196,7 +197,11 @@ class RateSearch(torch.nn.Module):
         for b, blk in enumerate(vit.blocks):
             attn, out = masked_attention(blk.attn, blk.norm1(x), size, mask)
             x = x + blk.drop_path1(blk.ls1(out))
-            order = attn[:, :, 0, p:].mean(dim=1).sort(dim=1, descending=True).indices + p
+            if vit.cls_token is not None:
+                importance = attn[:, :, 0, p:].mean(dim=1)
+            else:  # the substitute for class attention, as at inference
+                importance = mean_attention_received(attn, mask > 0.5).mean(dim=1)[:, p:]
+            order = importance.sort(dim=1, descending=True).indices + p
             index = torch.cat([torch.arange(p, device=x.device).expand(B, p), order], dim=1)
             x, size, mask = gather(x, index), gather(size, index), mask.gather(1, index)
             if b > 0:

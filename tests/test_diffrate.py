@@ -139,3 +139,13 @@ def test_published_rates_by_gflops_without_a_search():
     assert torch.equal(chosen, direct)
     with pytest.raises(BenchError, match="no published rates for deit_small_patch16_224 at 2.8 GFLOPs"):
         api.apply(deit, "diffrate", gflops=2.8)
+
+
+def test_the_search_runs_on_a_model_without_a_class_token():
+    """VideoMAE-style models: the mean attention received ranks the tokens in the search as at inference."""
+    vit = small_vit("deit_small_patch16_224", class_token=False, global_pool="avg")
+    search = RateSearch(vit)
+    logits, flops = search(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    logits.sum().backward()
+    assert logits.shape == (2, 1000) and search.logits.grad.abs().sum() > 0
+    assert search.rates().prune[0] == 16
