@@ -149,3 +149,16 @@ def test_the_search_runs_on_a_model_without_a_class_token():
     logits.sum().backward()
     assert logits.shape == (2, 1000) and search.logits.grad.abs().sum() > 0
     assert search.rates().prune[0] == 16
+
+
+def test_the_search_runs_under_inference_mode_and_leaves_the_model_as_it_was():
+    from tokenbench.methods.diffrate import search_rates
+
+    vit = small_vit("deit_small_patch16_224")
+    images, labels = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    with torch.inference_mode():
+        rates = search_rates(vit, images, labels, 0.5, steps=3, batch_size=2)
+    assert rates == search_rates(vit, images, labels, 0.5, steps=3, batch_size=2)
+    assert all(p.requires_grad for p in vit.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())

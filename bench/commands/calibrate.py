@@ -11,12 +11,14 @@ from tokenbench.registry import get_method, knob_overrides, resolve_methods
 
 
 def add_parser(sub):
-    p = sub.add_parser("calibrate", help="DiffRate's rate search, DVT's thresholds: what a method chooses on held-out images")
+    p = sub.add_parser("calibrate",
+                       help="DiffRate's rate search, DVT's thresholds: what a method chooses on held-out images")
     p.add_argument("--method", required=True, help="a method that calibrates (diffrate, dvt)")
     add_model_options(p)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="the held-out split to calibrate on")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="the held-out split to calibrate on")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     add_knob_options(p, many=True, default_help="settings to calibrate; default: the method's sweep")
