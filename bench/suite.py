@@ -23,7 +23,9 @@ from tokenbench.errors import BenchError
 # Every training-free method near 0.6 x dense GMACs on DeiT-S (DVT and DynamicViT need weights trained with them).
 SPEED_CELLS = ("topk:keep=0.7", "evit:keep=0.7", "tome:r=13", "random:keep=0.7", "ats:sample_rate=0.5",
                "tofu:r=13", "pitome:ratio=0.9", "mctf:r=16", "ppt:r=50", "kmedoids:keep=0.7", "dpcknn:keep=0.7",
-               "atc:keep=0.7", "visionzip:dominant=0.4", "vidtldr:r=0.15")
+               "atc:keep=0.7", "visionzip:dominant=0.4", "vidtldr:r=0.15", "zerotprune:keep=0.7")
+# Cells that depend on the model: DiffRate's official searched rates near 0.6 x dense for DeiT-S / DeiT-B shapes.
+MODEL_CELLS = {"deit_small_patch16_224": ("diffrate:gflops=2.7",), "vit_base_patch16_224": ("diffrate:gflops=10.4",)}
 TARGET_CELLS = ("evit:keep=0.7", "topk:keep=0.7", "tome:r=13")
 TARGET = 0.9  # measured speedup / GMACs ratio the targets must reach
 
@@ -32,6 +34,7 @@ TARGET = 0.9  # measured speedup / GMACs ratio the targets must reach
 class SuitePlan:
     speed_models: tuple[str, ...]
     speed_cells: tuple[str, ...]
+    model_cells: dict  # model name -> its own extra cells
     target_cells: tuple[str, ...]
     curve_batches: tuple[int, ...]  # bf16; the last is the large batch of the fp32 table and the compiled one
     rounds: int
@@ -41,10 +44,11 @@ class SuitePlan:
 
 
 GPU = SuitePlan(speed_models=("deit_small_patch16_224", "vit_base_patch16_224"), speed_cells=SPEED_CELLS,
+                model_cells=MODEL_CELLS,
                 target_cells=TARGET_CELLS, curve_batches=(1, 16, 64, 256), rounds=15,
                 boards=(("digits", "vit_digits", "all"), ("cifar10", "vit_cifar10", "all")), budgets=(0.7,),
                 repeats=5)
-QUICK = SuitePlan(speed_models=("vit_digits",), speed_cells=("topk:keep=0.7", "tome:r=4"),
+QUICK = SuitePlan(speed_models=("vit_digits",), speed_cells=("topk:keep=0.7", "tome:r=4"), model_cells={},
                   target_cells=("topk:keep=0.7",), curve_batches=(1, 8), rounds=1,
                   boards=(("digits", "vit_digits", "topk,tome"), ("cifar10", "vit_cifar10", "topk")), budgets=(0.7,),
                   repeats=1)
@@ -82,8 +86,9 @@ def gpu_suite(out: str | Path, cifar10_root: str | None = None, device: str = "c
     big = plan.curve_batches[-1]
     for name in plan.speed_models:
         model = models.load_model(name).model
-        runs = [(f"{name}_bf16_batch_curve", cells, plan.curve_batches, "bf16", False),
-                (f"{name}_fp32_b{big}", cells, (big,), "fp32", False)]
+        mine = cells + [speed.parse_cell(c) for c in plan.model_cells.get(name, ())]
+        runs = [(f"{name}_bf16_batch_curve", mine, plan.curve_batches, "bf16", False),
+                (f"{name}_fp32_b{big}", mine, (big,), "fp32", False)]
         if name == plan.speed_models[0]:  # compiling takes tens of seconds a model: the target cells, first model
             runs.append((f"{name}_bf16_b{big}_compiled", targets, (big,), "bf16", True))
         for stem, chosen, batches, dtype, compile in runs:

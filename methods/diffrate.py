@@ -340,10 +340,18 @@ class DiffRate(Method):
         return with_rates(model, Rates(tuple(calibrated["prune"]), tuple(calibrated["merge"])))
 
 
+SHAPES = {"deit_small_patch16_224": (384, 12, 197), "deit_base_patch16_224": (768, 12, 197)}  # width, depth, tokens
+
+
 def published(model, gflops: float) -> Rates:
-    """The official searched rates of this timm model (by its architecture name) at `gflops`."""
+    """The official searched rates at `gflops` of this timm model's architecture, or of the published one with its
+    shapes (width, depth, tokens: `vit_base_patch16_224` takes DeiT-B's)."""
     name = getattr(model, "pretrained_cfg", {}).get("architecture")
-    if (name, gflops) not in PUBLISHED:
-        given = ", ".join(f"{m} {g:g}" for m, g in PUBLISHED)
-        raise BenchError(f"diffrate: no published rates for {name} at {gflops:g} GFLOPs (published: {given})")
-    return PUBLISHED[(name, gflops)]
+    shape = (model.embed_dim, len(model.blocks), model.patch_embed.num_patches + model.num_prefix_tokens)
+    names = [name] if name in SHAPES else [n for n, s in SHAPES.items() if s == shape]
+    options = {g: rates for (n, g), rates in PUBLISHED.items() if n in names}
+    if gflops not in options:
+        given = ", ".join(f"{g:g}" for g in options) or "none"
+        raise BenchError(f"diffrate: no published rates for {name} at {gflops:g} GFLOPs (published for its shapes: "
+                         f"{given}; DeiT-S 2.3-3.1 and DeiT-B 8.7-12.5 exist)")
+    return options[gflops]

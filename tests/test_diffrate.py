@@ -162,3 +162,13 @@ def test_the_search_runs_under_inference_mode_and_leaves_the_model_as_it_was():
     assert rates == search_rates(vit, images, labels, 0.5, steps=3, batch_size=2)
     assert all(p.requires_grad for p in vit.parameters())
     assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+
+
+def test_published_rates_follow_the_shapes():
+    """ViT-B has DeiT-B's shapes, so it takes DeiT-B's rates (the GPU suite times it at 10.4 G)."""
+    from tokenbench.methods.diffrate import published
+
+    vit_b = without_weights(lambda: timm.create_model("vit_base_patch16_224"))
+    assert published(vit_b, 10.4) == PUBLISHED[("deit_base_patch16_224", 10.4)]
+    with pytest.raises(BenchError, match="published for its shapes: 8.7, 10, 10.4, 11.5, 12.5"):
+        published(vit_b, 2.7)
