@@ -25,7 +25,8 @@ SPEED_CELLS = ("topk:keep=0.7", "evit:keep=0.7", "tome:r=13", "random:keep=0.7",
                "tofu:r=13", "pitome:ratio=0.9", "mctf:r=16", "ppt:r=50", "kmedoids:keep=0.7", "dpcknn:keep=0.7",
                "atc:keep=0.7", "visionzip:dominant=0.4", "vidtldr:r=0.15", "zerotprune:keep=0.7")
 # Cells that depend on the model: DiffRate's official searched rates near 0.6 x dense for DeiT-S / DeiT-B shapes.
-MODEL_CELLS = {"deit_small_patch16_224": ("diffrate:gflops=2.7",), "vit_base_patch16_224": ("diffrate:gflops=10.4",)}
+MODEL_CELLS = {"deit_small_patch16_224": ("diffrate:target=1,gflops=2.7",),
+               "vit_base_patch16_224": ("diffrate:target=1,gflops=10.4",)}
 TARGET_CELLS = ("evit:keep=0.7", "topk:keep=0.7", "tome:r=13")
 TARGET = 0.9  # measured speedup / GMACs ratio the targets must reach
 
