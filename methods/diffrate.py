@@ -316,20 +316,24 @@ class DiffRate(Method):
                   help="DiffRate: FLOPs target of the rate search on the held-out split, a fraction of dense"),
              Knob("gflops", (0.0,), noop=0.0, low=0.0, low_inclusive=True,
                   help="DiffRate: run the official searched rates at these GFLOPs instead of searching (DeiT-S "
-                       "2.3-3.1, DeiT-B 8.7-12.5); 0 searches for the target"))
+                       "2.3-3.1, DeiT-B 8.7-12.5; with --target 1); 0 searches for the target"))
     summary = ("per-block prune and merge counts searched by gradient for a FLOPs target; prune by class attention, "
                "merge by similarity")
 
     def calibrate(self, model, calibration, target=1.0, gflops=0.0):
         """The per-block counts: published ones at `gflops`, else searched for `target` on the held-out split."""
         n = model.patch_embed.num_patches + model.num_prefix_tokens
+        if gflops and target < 1.0:
+            raise BenchError(f"diffrate: target={target:g} searches, gflops={gflops:g} takes the published rates; "
+                             "give one (with gflops, target=1)")
         if gflops:
             rates = published(model, gflops)
         elif target >= 1.0:
             rates = Rates((n,) * len(model.blocks), (n,) * len(model.blocks))
         elif calibration is None:
-            raise BenchError("diffrate searches its rates on a held-out split: pass calibration=(images, labels), "
-                             "or gflops= for the published rates of DeiT-S/DeiT-B")
+            raise BenchError("diffrate searches its rates on a held-out split: `tokenbench bench` and `calibrate` do "
+                             "(in Python, pass calibration=(images, labels)); or give gflops for the published rates "
+                             "of DeiT-S/DeiT-B")
         else:
             rates = search_rates(model, *calibration, target)
         return {"prune": list(rates.prune), "merge": list(rates.merge),

@@ -110,6 +110,7 @@ def test_the_flops_term_pulls_every_learned_count_down_when_above_target():
     assert (search.logits.grad * grad).sum() > 0  # descending the loss lowers the expected counts
 
 
+@pytest.mark.slow
 def test_search_from_the_command_line_meets_its_target(tmp_path, capsys):
     out = tmp_path / "rates.json"
     assert main(["calibrate", "--method", "diffrate", "--target", "0.5", "--threads", "1", "--out", str(out)]) == 0
@@ -139,6 +140,8 @@ def test_published_rates_by_gflops_without_a_search():
     assert torch.equal(chosen, direct)
     with pytest.raises(BenchError, match="no published rates for deit_small_patch16_224 at 2.8 GFLOPs"):
         api.apply(deit, "diffrate", gflops=2.8)
+    with pytest.raises(BenchError, match="give one \\(with gflops, target=1\\)"):
+        api.apply(deit, "diffrate", gflops=2.7, target=0.5)
 
 
 def test_the_search_runs_on_a_model_without_a_class_token():
