@@ -42,6 +42,8 @@ def apply(model: nn.Module, method: str, calibration: tuple | None = None, **kno
     chosen = get_method(method)
     knobs = chosen.check_knobs(knobs)
     if not chosen.needs_calibration:
+        if calibration is not None:
+            raise BenchError(f"{method} does not calibrate: calibration= has nothing to choose")
         return chosen.build(model, **knobs).eval()
     return chosen.build(model, **knobs, calibration=calibration).eval()  # the method says when it needs one
 

@@ -126,8 +126,11 @@ def test_search_from_the_command_line_meets_its_target(tmp_path, capsys):
 
 
 def test_apply_asks_for_the_held_out_split():
+    vit = api.load_model("vit_digits")
     with pytest.raises(BenchError, match="calibration=\\(images, labels\\)"):
-        api.apply(api.load_model("vit_digits"), "diffrate", target=0.5)
+        api.apply(vit, "diffrate", target=0.5)
+    with pytest.raises(BenchError, match="topk does not calibrate"):
+        api.apply(vit, "topk", calibration=(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)), keep=0.5)
 
 
 def test_published_rates_by_gflops_without_a_search():
