@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from tokenbench.errors import BenchError
 from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import (Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, mean_attention_received,
-                               pool)
+from tokenbench.tokens import (Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, gather_tokens,
+                               mean_attention_received, pool, with_prefix)
 
 SEARCH_STEPS = 200
 SEARCH_BATCH = 32
@@ -117,12 +117,8 @@ class SortPruneMergeReducer(TokenReducer):
         order = info.cls_attn[:, :, p:].mean(dim=1).sort(dim=1, descending=True).indices  # [B, n - p]
         if remain == kept:
             return Prune(keep=order[:, :kept - p])
-        ranked = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], p), order + p], dim=1)[:, :kept]
-        metric = gather(x, ranked)
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = metric[:, remain:] @ metric[:, :remain].transpose(1, 2)  # [B, sources, destinations]
-        similarity[..., :p] = -math.inf
-        best, into = similarity.max(dim=-1)
+        ranked = with_prefix(order, p)[:, :kept]
+        best, into = most_similar_important(gather_tokens(x, ranked), remain, p)
         size = torch.ones_like(x[..., 0]) if state.size is None else state.size[..., 0]
         sources = ranked[:, remain:]
         passed = size.scatter(1, sources, size.gather(1, sources) * best.to(size.dtype))
@@ -131,8 +127,13 @@ class SortPruneMergeReducer(TokenReducer):
                      norm_macs=kept * x.shape[-1])  # the similarities, and normalising the features
 
 
-def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+def most_similar_important(tokens: torch.Tensor, remain: int, protected: int):
+    """(cosine, index) of the most similar of the first `remain` tokens for each later one (first on ties), by
+    the tokens' cosine similarity; the first `protected` are never chosen."""
+    metric = tokens / tokens.norm(dim=-1, keepdim=True)
+    similarity = metric[:, remain:] @ metric[:, :remain].transpose(1, 2)  # [B, sources, destinations]
+    similarity[..., :protected] = -math.inf
+    return similarity.max(dim=-1)
 
 
 def with_rates(model, rates: Rates) -> TokenReducedViT:
@@ -148,10 +149,13 @@ def with_rates(model, rates: Rates) -> TokenReducedViT:
 
 # ----------------------------------------------------------------------------------------------- the search
 
-def formula_flops(n: torch.Tensor | float, kept: list, dim: int, patch_flops: float, head_flops: float):
-    """The official FLOPs formula for tokens `n` entering block 0 and (prune, merge) counts per block; the
-    count after a block is straight-through to both counts (their gradients flow, the entering count's not)."""
-    total = patch_flops + head_flops
+def formula_flops(model, kept: list):
+    """The official FLOPs formula of `model` (all its tokens entering block 0) at (prune, merge) counts per
+    block, including the patch embedding and the head; the count after a block is straight-through to both
+    counts (their gradients flow, the entering count's not)."""
+    n = float(model.patch_embed.num_patches + model.num_prefix_tokens)
+    dim = model.embed_dim
+    total = n * dim * model.patch_embed.proj.weight[0].numel() + dim * model.num_classes
     for prune, merge in kept:
         total = total + 4 * n * dim * dim + 2 * n * n * dim
         smallest = torch.minimum(torch.minimum(torch.as_tensor(n, dtype=prune.dtype), prune), merge).detach()
@@ -163,12 +167,12 @@ def formula_flops(n: torch.Tensor | float, kept: list, dim: int, patch_flops: fl
 class RateSearch(torch.nn.Module):
     """Each block's learned distributions over candidate kept counts (block 0: every token, not learned)."""
 
-    def __init__(self, vit, granularity: int | None = None):
+    def __init__(self, vit):
         super().__init__()
         self.vit = vit
         self.prefix = vit.num_prefix_tokens
         self.patches = vit.patch_embed.num_patches
-        g = granularity or max(1, self.patches // 49)
+        g = max(1, self.patches // 49)
         self.register_buffer("candidates", torch.arange(self.patches, 0, -g, dtype=torch.float64))
         self.logits = torch.nn.Parameter(torch.zeros(len(vit.blocks) - 1, 2, len(self.candidates), dtype=torch.float64))
         positions = torch.arange(self.patches + self.prefix, dtype=torch.float64)
@@ -195,7 +199,7 @@ class RateSearch(torch.nn.Module):
         """(logits, official-formula FLOPs) of the masked model at the current expected counts."""
         vit, p = self.vit, self.prefix
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        B, N, C = x.shape
+        B, N, _ = x.shape
         size = x.new_ones(B, N, 1)
         mask = x.new_ones(B, N)
         kept = self.expected().to(x.dtype)
@@ -206,9 +210,8 @@ class RateSearch(torch.nn.Module):
                 importance = attn[:, :, 0, p:].mean(dim=1)
             else:  # the substitute for class attention, as at inference
                 importance = mean_attention_received(attn, mask > 0.5).mean(dim=1)[:, p:]
-            order = importance.sort(dim=1, descending=True).indices + p
-            index = torch.cat([torch.arange(p, device=x.device).expand(B, p), order], dim=1)
-            x, size, mask = gather(x, index), gather(size, index), mask.gather(1, index)
+            index = with_prefix(importance.sort(dim=1, descending=True).indices, p)
+            x, size, mask = gather_tokens(x, index), gather_tokens(size, index), mask.gather(1, index)
             if b > 0:
                 last = int(mask[0].sum())
                 prune, merge = kept[b - 1]
@@ -216,16 +219,14 @@ class RateSearch(torch.nn.Module):
                     mask = mask * self.token_mask(b, 0, int(prune), last).to(x.dtype)
                 mid = min(last, int(prune))
                 if merge < mid:
-                    x, size = merge_masked(x, size, int(merge), mid, p if vit.cls_token is not None else 0)
+                    x, size = merge_masked(x, size, int(merge), mid, p)
                     mask = mask * self.token_mask(b, 1, int(merge), mid).to(x.dtype)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         x = vit.norm(x)
         state = TokenState(prefix=p, size=size, mask=mask > 0.5)
         logits = vit.head(vit.fc_norm(pool(vit, x, state)))
-        embed = N * C * vit.patch_embed.proj.weight[0].numel()
         full = kept.new_tensor([N, N])  # block 0 keeps every token
-        flops = formula_flops(float(N), [full, *kept], C, embed, C * vit.num_classes)
-        return logits, flops
+        return logits, formula_flops(vit, [full, *kept])
 
 
 def masked_attention(attn, x, size, mask, eps=1e-6):
@@ -246,11 +247,7 @@ def masked_attention(attn, x, size, mask, eps=1e-6):
 def merge_masked(x, size, remain: int, mid: int, protected: int):
     """Merge positions remain..mid-1 into the first `remain` (mean features, similarity-scaled sizes clamped
     at 1); the sources stay in place, for the mask to remove."""
-    metric = x[:, :mid].detach()
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = metric[:, remain:] @ metric[:, :remain].transpose(1, 2)
-    similarity[..., :protected] = -math.inf
-    best, into = similarity.max(dim=-1)
+    best, into = most_similar_important(x[:, :mid].detach(), remain, protected)
     spread = into[..., None]
     merged = x[:, :remain].scatter_reduce(1, spread.expand(-1, -1, x.shape[-1]), x[:, remain:mid], "mean")
     scaled = torch.cat([size[:, :remain], size[:, remain:mid] * best[..., None]], dim=1).clamp(min=1)
@@ -299,12 +296,9 @@ def formula_fraction(model, rates: Rates) -> float:
 
 def model_flops(model, rates: Rates | None) -> float:
     """The official formula's FLOPs of `model` at `rates` (None: dense)."""
-    n = float(model.patch_embed.num_patches + model.num_prefix_tokens)
-    dim = model.embed_dim
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
     counts = [(n, n)] * len(model.blocks) if rates is None else zip(rates.prune, rates.merge)
-    kept = [torch.tensor([float(p), float(m)], dtype=torch.float64) for p, m in counts]
-    return float(formula_flops(n, kept, dim, n * dim * model.patch_embed.proj.weight[0].numel(),
-                               dim * model.num_classes))
+    return float(formula_flops(model, [torch.tensor([float(p), float(m)], dtype=torch.float64) for p, m in counts]))
 
 
 @register_method
