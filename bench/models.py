@@ -37,10 +37,10 @@ def asset(name: str) -> Path:
 default_cfgs = generate_default_cfgs({
     "vit_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="patch_embed.proj",
                                   classifier="head", license="apache-2.0"),
-    "vit_cifar10.tokenbench": dict(
+    **{f"{name}.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
         crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj",
-        classifier="head", license="apache-2.0"),
+        classifier="head", license="apache-2.0") for name in ("vit_cifar10", "vit_cifar10_v2")},
 })
 
 
@@ -56,6 +56,14 @@ def vit_cifar10(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The CIFAR reference at native 32x32: 12 blocks (dim 64, 2 heads), 4x4 patches, 65 tokens."""
     args = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
     return build_model_with_cfg(VisionTransformer, "vit_cifar10", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_cifar10_v2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The second CIFAR reference (stronger; v1's weights stay as `vit_cifar10`): 12 blocks of DeiT-Tiny's
+    width (dim 192, 3 heads of 64) with MLP ratio 2 at native 32x32, 4x4 patches, 65 tokens."""
+    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
+    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v2", pretrained, **dict(args, **kwargs))
 
 
 @dataclass

@@ -31,18 +31,41 @@ def add_parser(sub):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="light", choices=["light", "strong"],
+                   help="light: geometric augmentation only (default); strong: TrivialAugment, mixup/cutmix, "
+                        "stochastic depth, EMA and a compact resume state (the CIFAR-10 v2 reference)")
+    p.add_argument("--probe", action="append", default=None, metavar="METHOD:KNOB=V",
+                   help="every 5 epochs, record this method's val top-1 on the model being trained (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu")
     add_knob_options(p, many=False, default_help="with --method, while training; default: the method's own")
     return p
 
 
-def augmenting(eval_tf, flip: bool = False):
-    """Light geometric augmentation in front of the model's eval transform (mirroring for natural images)."""
+def augmenting(eval_tf, flip: bool = False, strength: str = "light", size: int = 32):
+    """Augmentation around the model's eval transform (mirroring only for natural images): light geometric
+    jitter, or (trivial) TrivialAugment and then random crops of the reflect-padded input (`size` square),
+    the CIFAR recipe of DeiT-style small-dataset training."""
     from torchvision import transforms
 
-    steps = [transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
-    return transforms.Compose(steps + [transforms.RandomHorizontalFlip()] * flip + [eval_tf])
+    if strength == "trivial":
+        before = [transforms.TrivialAugmentWide()]
+        after = [transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect")]
+    else:
+        before, after = [transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))], []
+    return transforms.Compose(before + [transforms.RandomHorizontalFlip()] * flip + [eval_tf] + after)
+
+
+def probe_functions(cells: list[str], loader) -> dict:
+    """Each `METHOD:KNOB=V` cell as a function of a model: that method's top-1 on `loader`."""
+    from tokenbench import training
+    from tokenbench.api import apply
+    from tokenbench.speed import parse_cell
+
+    def probe(name, knobs):
+        return lambda model: training.accuracy(apply(model, name, **knobs), loader)
+
+    return {cell: probe(*parse_cell(cell)) for cell in cells}
 
 
 def check_output_file(path: str) -> None:
@@ -113,8 +136,11 @@ def run(args):
         raise BenchError("--backbone initialises a DVT cascade's stages: use it with --method dvt")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recipe != "light" and (args.method or args.init):
+        raise BenchError(f"--recipe {args.recipe} trains a backbone from scratch: drop --method and --init")
     torch.manual_seed(args.seed)
     probe = datasets.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
+    recipe = training.RECIPES[args.recipe]
     if args.init:
         loaded = models.load_model(checkpoint=args.init)
         model, name = loaded.model, loaded.name
@@ -124,7 +150,8 @@ def run(args):
         model_kwargs = {}
         if args.method == "dvt":
             model_kwargs = dict(zip(("feature_reuse", "relation_reuse"), REUSE[args.reuse]))
-        model = models.create(name, num_classes=probe.num_classes, **model_kwargs)
+        model = models.create(name, num_classes=probe.num_classes, **model_kwargs,
+                              **({"drop_path_rate": recipe["drop_path"]} if "drop_path" in recipe else {}))
         if args.backbone:
             from tokenbench.methods.dvt.architecture import init_from_backbone
 
@@ -133,14 +160,18 @@ def run(args):
     knobs = method_knobs(method, args) if method else {}
     trainee, loss = method.training_loss(model, **knobs) if method else (model, None)
     eval_tf = datasets.eval_transform(model)
-    train_set = datasets.build_dataset(args.dataset, "train", augmenting(eval_tf, flip=probe.mirror_invariant), args.data_root).dataset
+    size = models.input_shape(model)[-1]
+    train_set = datasets.build_dataset(args.dataset, "train", augmenting(eval_tf, probe.mirror_invariant, recipe["augment"], size),
+                                       args.data_root).dataset
     val_loader = DataLoader(datasets.build_dataset(args.dataset, "val", eval_tf, args.data_root).dataset, batch_size=256)
     test_loader = DataLoader(datasets.build_dataset(args.dataset, "test", eval_tf, args.data_root).dataset, batch_size=256)
+    fields = {k: v for k, v in recipe.items() if k not in ("augment", "drop_path")}
     cfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      warmup_epochs=args.warmup_epochs)
+                               warmup_epochs=args.warmup_epochs, probes=probe_functions(args.probe or [], val_loader),
+                               **fields)
     loss_fn = None if loss is None else (lambda m, x, y: loss(m, x, y, cfg.label_smoothing))
     identity = {k: v for k, v in vars(args).items()  # the settings that decide the weights
-                if k not in ("resume", "threads", "device") and isinstance(v, (str, int, float, type(None)))}
+                if k not in ("resume", "threads", "device", "probe") and isinstance(v, (str, int, float, type(None)))}
     history = training.train(trainee, train_set, cfg, loss_fn=loss_fn, val_loader=val_loader, device=args.device,
                              state_file=state_file, identity=identity)
     test_top1 = training.accuracy(trainee, test_loader, args.device)
@@ -152,11 +183,13 @@ def run(args):
                         f"--dataset {args.dataset}", *(["--data-root", args.data_root] if args.data_root else []),
                         f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
                         f"--warmup-epochs {args.warmup_epochs:g} --seed {args.seed}",
+                        *([f"--recipe {args.recipe}"] if args.recipe != "light" else []),
+                        *(f"--probe {cell}" for cell in args.probe or []),
                         *([f"--threads {args.threads}"] if args.threads else []), f"--out {args.out}"])
     meta = {
         "command": command,
         "dataset": args.dataset, "test_top1": test_top1, "val_top1": history[-1].get("val_top1"),
-        "epochs": args.epochs, "seed": args.seed, "threads": torch.get_num_threads(),
+        "epochs": args.epochs, "seed": args.seed, "threads": torch.get_num_threads(), "recipe": args.recipe,
         "torch": str(torch.__version__), "history": history,
     }
     if method is not None:
