@@ -32,8 +32,8 @@ HARNESS_OPTIONS = frozenset({
     "array_parallelism", "backbone", "baseline", "batch_size", "batch_sizes", "budget", "budgets", "cache_dir",
     "cell", "checkpoint", "checkpoints", "cifar10_root", "cluster", "command", "compile", "count", "cpus_per_task",
     "data_root", "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images", "init", "jobs",
-    "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot", "pretrained",
-    "protocol", "quick", "repeats", "results", "resume", "reuse", "rounds", "run", "seed", "shard", "slurm_account",
+    "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot", "pretrained", "probe",
+    "protocol", "quick", "recipe", "repeats", "results", "resume", "reuse", "rounds", "run", "seed", "shard", "slurm_account",
     "slurm_partition", "snapshot", "split", "strict", "submitit", "submitit_folder", "threads", "timeout_min",
     "tolerance", "update", "warmup", "warmup_epochs", "workers",
 })

@@ -449,7 +449,7 @@ def apply_prune(x: torch.Tensor, state: TokenState, decision: Prune) -> torch.Te
         if state.size is not None:
             fused_size = gather_tokens(state.size, dropped).sum(1, keepdim=True)
         if state.source is not None:
-            fused_source = gather_tokens(state.source, dropped).sum(1, keepdim=True)
+            fused_source = decision.fuse_weight[:, None, :].to(state.source.dtype) @ gather_tokens(state.source, dropped)
     x = gather_tokens(x, follow_prune(state, decision))
     if fused is None:
         return x
@@ -493,8 +493,9 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
         state.size = merge(decision.passed_size[..., None].to(size.dtype))
     else:
         state.size = total if decision.weight is None else merge(size)
-    if state.source is not None:
-        state.source = merge(state.source)
+    if state.source is not None:  # each patch counts with its token's merge weight per unit of size
+        share = None if decision.weight is None else weight / size
+        state.source = merge(state.source if share is None else state.source * share.to(state.source.dtype))
     eps = decision.eps
     if isinstance(eps, torch.Tensor):
         out = out / (total + eps[..., None].to(total.dtype))
@@ -569,7 +570,8 @@ class TokenReducedViT(nn.Module):
         self._embed_macs = embed_macs(vit.patch_embed)
         self._final_norm = norm_macs_per_token(vit.norm)
         self._head_norm = norm_macs_per_token(vit.fc_norm)  # average-pooling models (VideoMAE) norm the pool
-        self._head_macs = linear_macs_per_token(vit.head) + self._head_norm
+        heads = (vit.head, getattr(vit, "head_dist", None))  # distilled DeiT runs two heads
+        self._head_macs = sum(linear_macs_per_token(h) for h in heads if h is not None) + self._head_norm
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -586,7 +588,10 @@ class TokenReducedViT(nn.Module):
         """Which input patches each token stands for, after every block whose decision changed the tokens.
 
         [(block index, source [B, tokens, patches])]: a row of source is one token; a patch it holds is > 0
-        (a merged token holds several, a dropped patch is held by none). `visualize` and the tests read it.
+        (a merged token holds several, a dropped patch is held by none). A weighted merge (vid-TLDR's saliency,
+        EViT's fusion, plain means) scales each patch by its token's weight per unit of size, so a token
+        merged with weight 0 (vid-TLDR's background) leaves its patches held by none, as the official traces
+        do. `visualize` and the tests read it.
         """
         self._trace = True
         try:
@@ -616,9 +621,15 @@ class TokenReducedViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x, state = self._forward_tokens(images)
-        vit = self.vit
-        x = pool(vit, x, state)
-        return vit.head(vit.head_drop(vit.fc_norm(x)))
+        return classify(self.vit, x, state)
+
+
+def classify(vit: nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """Logits from the final tokens by timm's own head (distilled DeiT averages its class and distillation
+    heads), with average pooling made size- and mask-aware once tokens were reduced."""
+    if vit.global_pool == "token" or (state.size is None and state.mask is None):
+        return vit.forward_head(x)
+    return vit.head(vit.head_drop(vit.fc_norm(pool(vit, x, state))))
 
 
 def pool(vit: nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:

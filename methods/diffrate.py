@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tokenbench.errors import BenchError
 from tokenbench.registry import Knob, Method, register_method
 from tokenbench.tokens import (Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, gather_tokens,
-                               mean_attention_received, pool, with_prefix)
+                               classify, mean_attention_received, with_prefix)
 
 SEARCH_STEPS = 200
 SEARCH_BATCH = 32
@@ -224,7 +224,7 @@ class RateSearch(torch.nn.Module):
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         x = vit.norm(x)
         state = TokenState(prefix=p, size=size, mask=mask > 0.5)
-        logits = vit.head(vit.fc_norm(pool(vit, x, state)))
+        logits = classify(vit, x, state)
         full = kept.new_tensor([N, N])  # block 0 keeps every token
         return logits, formula_flops(vit, [full, *kept])
 

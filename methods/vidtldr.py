@@ -18,8 +18,14 @@ Deviations:
   600, 200, 100 tokens in blocks 0-2); tokenbench merges the same fraction r in blocks 0, 1 and 2, which
   no published image or small-video setting contradicts.
 - prefix tokens (the class token of image ViTs, which the official video encoder lacks) are never
-  merged; saliency is normalised over the other tokens, and the matching splits them as ToMe does.
-- precision: the official merge runs in float32 whatever the model's dtype; here it runs in the model's.
+  merged, as in ToMe and in the class-token variant of the official functions (its first A row set to
+  -inf); the A/B split is unchanged by it. Saliency is as official on the whole sequence: every token's
+  full attention row (prefix columns included), normalised over all tokens, prefix tokens included.
+- precision: the official merge casts the tokens to float32 whatever the model's dtype, and fails in
+  float64 (its float64 saliency meets the float32 tokens in `scatter_reduce`); here it runs in the model's
+  dtype, so a float64 model gives the float64 result.
+The source trace follows the merge weights, as the official `source_trace` does: a merged token's patches
+count with its saliency, so background tokens vanish from the trace.
 """
 
 import dataclasses
@@ -66,11 +72,10 @@ class SalientMergeReducer(BipartiteMergeReducer):
         match = super().decide(x, state, info)
         if match is None:
             return None
-        p = state.prefix
-        importance = saliency(info.plain_weights[:, :, p:, p:] if p else info.plain_weights)  # [B, N - p]
+        importance = saliency(info.plain_weights)  # [B, N]: full rows, normalised over every token
         sources = match.merged
         size = torch.ones_like(x[..., 0]) if state.size is None else state.size[..., 0]
-        weight = size.scatter(1, sources, size.gather(1, sources) * importance.gather(1, sources - p))
+        weight = size.scatter(1, sources, size.gather(1, sources) * importance.gather(1, sources))
         return dataclasses.replace(match, weight=weight, passed_size=weight)
 
 

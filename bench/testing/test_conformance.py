@@ -9,6 +9,7 @@ equivalent checks. Every other method must accept any timm ViT. A method that ca
 """
 
 import pytest
+import timm
 import torch
 
 from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
@@ -17,14 +18,15 @@ from tokenbench.registry import all_methods, get_method
 BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
 
 
-_CALIBRATED: dict = {}  # (method, setting) -> what it chose: the fixture's weights are the same in every test
+_CALIBRATED: dict = {}  # (method, setting, model fingerprint) -> what it chose on that model
 
 
 def build(method, model, knobs, images):
     """`method` on `model` at `knobs`, calibrated on `images` if it calibrates."""
     if not method.needs_calibration:
         return method.build(model, **knobs)
-    key = (method.name, tuple(sorted(knobs.items())))
+    fingerprint = (type(model).__name__, tuple(images.shape), sum(float(p.double().sum()) for p in model.parameters()))
+    key = (method.name, tuple(sorted(knobs.items())), fingerprint)
     if key not in _CALIBRATED:
         labels = torch.zeros(len(images), dtype=torch.long)
         _CALIBRATED[key] = method.calibrate(model, (images, labels), **knobs)
@@ -34,6 +36,39 @@ def build(method, model, knobs, images):
 def logits(model, x):
     with torch.inference_mode():
         return model(x)
+
+
+SMALL = dict(img_size=64, depth=4, embed_dim=48, num_heads=3)
+FAMILIES = {  # one small random-init configuration of each timm ViT family tokenbench supports
+    "deit_small_patch16_224": {}, "deit_small_distilled_patch16_224": {}, "deit3_small_patch16_224": {},
+    "vit_small_patch16_224": {}, "vit_base_patch16_clip_224": {}, "vit_base_patch16_clip_quickgelu_224": {},
+    "vit_small_patch14_dinov2": dict(img_size=56), "vit_small_patch14_reg4_dinov2": dict(img_size=56),
+    "vit_base_patch16_224": dict(global_pool="avg"),  # MAE-style: average pool with fc_norm
+    "vit_medium_patch16_gap_256": {},
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_vit(request):
+    """(model, images, timm's own logits) for one family."""
+    torch.manual_seed(0)
+    model = timm.create_model(request.param, **{**SMALL, **FAMILIES[request.param]}).eval()
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, *model.patch_embed.img_size)
+    return model, images, logits(model, images)
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_noop_setting_reproduces_timm_s_own_forward_on_every_family(name, family_vit):
+    """Against timm's forward, not the wrapper's dense path: distilled DeiT averages its two heads."""
+    model, images, timm_logits = family_vit
+    method = get_method(name)
+    torch.manual_seed(0)
+    reduced = build(method, model, method.noop_knobs(), images)
+    assert torch.equal(logits(reduced, images), timm_logits)
+    counted = measure_gmacs(reduced, images[:1]).matmul_gmacs.item()
+    torch.manual_seed(0)
+    assert counted == pytest.approx(flop_counter_gmacs(reduced, images[:1]), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", list(all_methods()))
