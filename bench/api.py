@@ -76,10 +76,13 @@ def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: 
 
 
 def _ledger_ready(model: nn.Module) -> nn.Module:
-    """A model whose blocks record their cost: `model` itself, or a plain timm ViT wrapped as the dense method."""
-    from timm.models.vision_transformer import VisionTransformer
+    """A model whose blocks record their cost: `model` itself (what `apply` returned, or a trained cascade),
+    or a plain model wrapped as the dense method, which refuses a backbone it cannot count in one line."""
+    from tokenbench.tokens import TokenReducedViT
 
-    return get_method("none").build(model) if isinstance(model, VisionTransformer) else model
+    if isinstance(model, TokenReducedViT) or hasattr(model, "forward_exits"):
+        return model
+    return get_method("none").build(model)
 
 
 def gmacs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

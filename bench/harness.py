@@ -82,17 +82,16 @@ def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int, compile
 
 
 def writable_folder(out: str | Path) -> Path:
-    """`out` as a folder that exists and takes files, or a BenchError before any work."""
+    """`out` as a folder that can be created (or exists) and takes files, or a BenchError before any work.
+    Nothing is created here: the sweep makes the folder once its inputs are known good."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {out}: is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".tokenbench-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise BenchError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise BenchError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BenchError(f"--out {out}: cannot write there ({existing} is not writable)")
     return out
 
 
@@ -171,6 +170,13 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
     shard_spec = distributed.parse_shard(shard)
     world, chosen_device = distributed.init(chosen_device)
     backbone = models.load_model(model, checkpoint, pretrained)
+    for method in method_objects.values():  # an unsupported backbone is refused before any work
+        if not method.needs_training:  # trained methods run on their own weights, checked when built
+            method.check_model(backbone.model)
+    transform = datasets.eval_transform(backbone.model, protocol)
+    ds = datasets.build_dataset(dataset, split, transform, data_root)
+    if strict and ds.unreadable:
+        raise BenchError(f"{ds.unreadable} unreadable images in {dataset}/{split} (drop --strict to skip)")
     baseline_added = "none" not in method_objects and reducible(backbone.model)
     if baseline_added:  # Δ top-1 and speedups always have the dense model of the same setting to refer to
         method_objects = {"none": get_method("none"), **method_objects}
@@ -179,10 +185,6 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
         if results_path is not None and world.is_main:
             held.enter_context(results.exclusive(results_path))
         recorded = {row.cell_id: row for row in results.read_results(results_path)} if results_path else {}
-        transform = datasets.eval_transform(backbone.model, protocol)
-        ds = datasets.build_dataset(dataset, split, transform, data_root)
-        if strict and ds.unreadable:
-            raise BenchError(f"{ds.unreadable} unreadable images in {dataset}/{split} (drop --strict to skip)")
         for turn in ("first", "others"):  # rank 0 fills the image store, then the other ranks read it
             if (turn == "first") == world.is_main:
                 store = cache.load_images(ds, transform, cache_dir, strict, workers)

@@ -192,8 +192,17 @@ def flop_counter_gmacs(model: nn.Module, images: torch.Tensor) -> float:
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
                torch.ops.aten._euclidean_dist: cdist, torch.ops.aten._cdist_forward: cdist}
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(images)
+    # The counter's module tracker fails on an expanded parameter that requires grad (SigLIP's latent query),
+    # even under inference mode: count with the parameters frozen, then restore them.
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(images)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2 / 1e9
 
 

@@ -12,6 +12,7 @@ This module imports no torch, so that listing methods and parsing arguments star
 from __future__ import annotations
 
 import importlib.metadata
+import functools
 import itertools
 import math
 import numbers
@@ -130,6 +131,27 @@ class Method:
     # or calibrated=calibrate(...)'s result
     batch_invariant: ClassVar[bool] = True  # an image's result does not depend on the other images in its batch
     summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's own `build` checks the model first (`check_model`), wherever it is called from, so an
+        unsupported backbone gets the one-line reason before the method reads anything of it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("build")
+        if own is not None and not getattr(own, "checks_model", False):
+            @functools.wraps(own)
+            def build(self, model, *args, **knobs):
+                self.check_model(model)
+                return own(self, model, *args, **knobs)
+
+            build.checks_model = True
+            cls.build = build
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a one-line BenchError, with the reason, if this method cannot run on `model`. The default
+        (every block-level method): a timm ViT whose tokens can be reduced."""
+        from tokenbench.tokens import check_vit
+
+        check_vit(model)
 
     def build(self, model: nn.Module, **knobs: Any) -> nn.Module:
         """Return the model to measure: `model` with this method applied at the given knob values."""

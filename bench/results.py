@@ -198,7 +198,8 @@ def exclusive(path: str | Path):
     again."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -208,7 +209,10 @@ def exclusive(path: str | Path):
                              "to finish or give another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:  # removed while still held, so no other sweep can lock the file being removed
+            os.unlink(lock)
     finally:
         os.close(fd)  # closing releases the lock
 

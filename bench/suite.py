@@ -70,6 +70,7 @@ def gpu_suite(out: str | Path, cifar10_root: str | None = None, device: str = "c
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("device cuda, but no CUDA device is available (the suite is for a GPU; --quick runs on CPU)")
     out = harness.writable_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     if device == "cuda":  # as timm's benchmark.py: the fastest kernels, TF32 matmuls for fp32
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

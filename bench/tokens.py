@@ -525,20 +525,40 @@ def merge_attention_map(weights: torch.Tensor, decision: Merge) -> torch.Tensor:
     return merge_rows(keys * w) / merge_rows(w)
 
 
+SUPPORTED_FAMILIES = ("DeiT (distilled too), DeiT III, AugReg ViT, CLIP, DINOv2 (with registers too), MAE and other "
+                      "average-pool ViTs, SigLIP: timm's VisionTransformer")
+REFUSED_FAMILIES = {  # timm model class -> why its tokens cannot be reduced faithfully here
+    "SwinTransformer": "Swin is hierarchical: window attention runs on a fixed grid of windows that patch merging "
+                       "halves, so there is no free token set to prune or merge",
+    "SwinTransformerV2": "Swin V2 is hierarchical: window attention runs on a fixed grid of windows that patch merging "
+                         "halves, so there is no free token set to prune or merge",
+    "Eva": "EVA/EVA-02 rotate queries and keys by a rotary position embedding computed for the full patch grid "
+           "inside every block; tokenbench does not yet carry each kept or merged token's rotation through reduction",
+    "Beit": "BEiT adds a relative position bias indexed by the full patch grid inside every block; tokenbench does "
+            "not yet carry the bias of kept or merged tokens through reduction",
+}
+
+
 def check_vit(model: nn.Module) -> None:
-    """Raise a clear error unless `model` is a timm VisionTransformer made of standard blocks."""
+    """Raise a one-line BenchError, naming the reason, unless `model` is a timm VisionTransformer made of
+    standard blocks whose tokens tokenbench can reduce."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
+    kind = type(model).__name__
+    if kind in REFUSED_FAMILIES:
+        raise BenchError(f"{kind} is not supported: {REFUSED_FAMILIES[kind]}. Supported: {SUPPORTED_FAMILIES}")
     if not isinstance(model, VisionTransformer):
-        raise BenchError(f"{type(model).__name__} is not a timm VisionTransformer; token reduction needs one")
+        raise BenchError(f"{kind} is not a Vision Transformer with a token sequence tokenbench can reduce. "
+                         f"Supported: {SUPPORTED_FAMILIES}")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise BenchError(
                 f"block {i} of this model is {type(blk).__name__} with {type(blk.attn).__name__}; "
                 "tokenbench supports timm's standard Block with Attention")
-    if model.attn_pool is not None:
-        raise BenchError("attention-pool heads are not supported; use a class-token or average-pool ViT")
+    if model.attn_pool is not None and model.attn_pool.pos_embed is not None:
+        raise BenchError("this attention-pool head adds a position embedding per token, which reduced tokens "
+                         "cannot follow; SigLIP's head (no position embedding) is supported")
 
 
 class TokenReducedViT(nn.Module):
@@ -572,6 +592,14 @@ class TokenReducedViT(nn.Module):
         self._head_norm = norm_macs_per_token(vit.fc_norm)  # average-pooling models (VideoMAE) norm the pool
         heads = (vit.head, getattr(vit, "head_dist", None))  # distilled DeiT runs two heads
         self._head_macs = sum(linear_macs_per_token(h) for h in heads if h is not None) + self._head_norm
+        self._pool_macs_per_token = 0
+        attn_pool = vit.attn_pool  # SigLIP's MAP head: latent queries attend over the final tokens
+        if attn_pool is not None:
+            queries, width = attn_pool.latent_len, attn_pool.latent_dim
+            self._pool_macs_per_token = linear_macs_per_token(attn_pool.kv) + 2 * queries * width
+            pool_norm = norm_macs_per_token(attn_pool.norm) * queries
+            self._head_macs += (linear_macs_per_token(attn_pool) - linear_macs_per_token(attn_pool.kv)) * queries + pool_norm
+            self._head_norm += pool_norm
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -617,6 +645,8 @@ class TokenReducedViT(nn.Module):
             ledger.add(self._embed_macs + self._head_macs, self._head_norm)
             n = state.valid_counts(x)
             ledger.add(self._final_norm * n, self._final_norm * n)
+            if self._pool_macs_per_token:
+                ledger.add(self._pool_macs_per_token * n)
         return x, state
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -626,8 +656,15 @@ class TokenReducedViT(nn.Module):
 
 def classify(vit: nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
     """Logits from the final tokens by timm's own head (distilled DeiT averages its class and distillation
-    heads), with average pooling made size- and mask-aware once tokens were reduced."""
-    if vit.global_pool == "token" or (state.size is None and state.mask is None):
+    heads). Once tokens were reduced, average pooling weighs them by size and mask, and an attention-pool
+    head (SigLIP) attends over them with the blocks' bias (log size, padding masked)."""
+    reduced = state.size is not None or state.mask is not None
+    if vit.attn_pool is not None and reduced:
+        bias = attention_bias(state, x.dtype)
+        if bias is not None and bias.any():  # a zero bias (every size 1) is timm's own head, same kernel
+            return vit.head(vit.head_drop(vit.fc_norm(vit.attn_pool(x, attn_mask=bias))))
+        return vit.forward_head(x)
+    if vit.global_pool == "token" or not reduced:
         return vit.forward_head(x)
     return vit.head(vit.head_drop(vit.fc_norm(pool(vit, x, state))))
 

@@ -80,5 +80,6 @@ class VisionZip(Method):
     summary = "after block 3: keep the most class-attended tokens, fold the rest into a few contextual tokens"
 
     def build(self, model, dominant=1.0, contextual=10):
-        blocks = {BLOCK: VisionZipReducer(dominant, contextual)} if len(model.blocks) > BLOCK + 1 else {}
+        reduces = dominant < 1.0 and len(model.blocks) > BLOCK + 1  # every token dominant: nothing to fold
+        blocks = {BLOCK: VisionZipReducer(dominant, contextual)} if reduces else {}
         return TokenReducedViT(model, blocks, proportional_attention=False)

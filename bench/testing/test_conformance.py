@@ -38,13 +38,14 @@ def logits(model, x):
         return model(x)
 
 
-SMALL = dict(img_size=64, depth=4, embed_dim=48, num_heads=3)
+SMALL = dict(img_size=64, depth=8, embed_dim=48, num_heads=3)  # depth 8: reduction at blocks 2, 4, 6
 FAMILIES = {  # one small random-init configuration of each timm ViT family tokenbench supports
     "deit_small_patch16_224": {}, "deit_small_distilled_patch16_224": {}, "deit3_small_patch16_224": {},
     "vit_small_patch16_224": {}, "vit_base_patch16_clip_224": {}, "vit_base_patch16_clip_quickgelu_224": {},
     "vit_small_patch14_dinov2": dict(img_size=56), "vit_small_patch14_reg4_dinov2": dict(img_size=56),
     "vit_base_patch16_224": dict(global_pool="avg"),  # MAE-style: average pool with fc_norm
     "vit_medium_patch16_gap_256": {},
+    "vit_base_patch16_siglip_224": {},  # attention-pool (MAP) head, no class token
 }
 
 
@@ -174,3 +175,23 @@ def test_the_reduced_model_is_an_ordinary_module(name, tiny_vit, digit_images):
     assert set(model.state_dict()) >= {f"vit.{k}" for k in tiny_vit.state_dict()}
     clone = copy.deepcopy(model)  # before any forward: a seeded method's generator is copied in its start state
     assert torch.equal(logits(clone, digit_images), logits(model, digit_images))
+
+
+@pytest.mark.parametrize("name", BLOCK_LEVEL)
+def test_a_real_setting_runs_and_keeps_its_books_on_every_family(name, family_vit):
+    """The middle of the default sweep: finite logits, the ledger's matmuls equal torch's count, and the
+    source trace never gives one patch to two tokens."""
+    model, images, timm_logits = family_vit
+    method = get_method(name)
+    knobs = method.sweep_points()[len(method.sweep_points()) // 2]
+    torch.manual_seed(0)
+    reduced = build(method, model, knobs, images)
+    out = logits(reduced, images)
+    assert out.shape == timm_logits.shape and torch.isfinite(out).all()
+    counted = measure_gmacs(reduced, images[:1]).matmul_gmacs.item()
+    torch.manual_seed(0)
+    assert counted == pytest.approx(flop_counter_gmacs(reduced, images[:1]), rel=1e-9), knobs
+    if hasattr(reduced, "trace"):
+        torch.manual_seed(0)
+        for block, source in reduced.trace(images):
+            assert ((source > 0).sum(1) <= 1).all(), f"block {block}: a patch held by two tokens"

@@ -75,11 +75,13 @@ class DVT(Method):
             thresholds = search_thresholds(scores, correct, costs, cost * costs[-1])
         return {"thresholds": [float(t) for t in thresholds]}
 
-    def build(self, model, cost=1.0, criterion="confidence", calibration=None, calibrated=None):
+    def check_model(self, model):
         from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
 
         if not isinstance(model, DVTCascade):
             raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+
+    def build(self, model, cost=1.0, criterion="confidence", calibration=None, calibrated=None):
         if calibrated is None:
             if cost < 1.0 and calibration is None:
                 raise BenchError("dvt needs a held-out split to choose its exit thresholds")
