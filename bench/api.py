@@ -77,12 +77,9 @@ def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: 
 
 def _ledger_ready(model: nn.Module) -> nn.Module:
     """A model whose blocks record their cost: `model` itself (what `apply` returned, or a trained cascade),
-    or a plain model wrapped as the dense method, which refuses a backbone it cannot count in one line."""
-    from tokenbench.tokens import TokenReducedViT
-
-    if isinstance(model, TokenReducedViT) or hasattr(model, "forward_exits"):
-        return model
-    return get_method("none").build(model)
+    or a plain timm model wrapped as the dense method, which refuses a backbone it cannot count in one line."""
+    plain_timm = hasattr(model, "pretrained_cfg") and not hasattr(model, "forward_exits")
+    return get_method("none").build(model) if plain_timm else model
 
 
 def gmacs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
