@@ -11,8 +11,8 @@ This module imports no torch, so that listing methods and parsing arguments star
 
 from __future__ import annotations
 
-import importlib.metadata
 import functools
+import importlib.metadata
 import itertools
 import math
 import numbers

@@ -527,11 +527,11 @@ def merge_attention_map(weights: torch.Tensor, decision: Merge) -> torch.Tensor:
 
 SUPPORTED_FAMILIES = ("DeiT (distilled too), DeiT III, AugReg ViT, CLIP, DINOv2 (with registers too), MAE and other "
                       "average-pool ViTs, SigLIP: timm's VisionTransformer")
+HIERARCHICAL = ("Swin is hierarchical: window attention runs on a fixed grid of windows that patch merging halves, "
+                "so there is no free token set to prune or merge")
 REFUSED_FAMILIES = {  # timm model class -> why its tokens cannot be reduced faithfully here
-    "SwinTransformer": "Swin is hierarchical: window attention runs on a fixed grid of windows that patch merging "
-                       "halves, so there is no free token set to prune or merge",
-    "SwinTransformerV2": "Swin V2 is hierarchical: window attention runs on a fixed grid of windows that patch merging "
-                         "halves, so there is no free token set to prune or merge",
+    "SwinTransformer": HIERARCHICAL,
+    "SwinTransformerV2": HIERARCHICAL,
     "Eva": "EVA/EVA-02 rotate queries and keys by a rotary position embedding computed for the full patch grid "
            "inside every block; tokenbench does not yet carry each kept or merged token's rotation through reduction",
     "Beit": "BEiT adds a relative position bias indexed by the full patch grid inside every block; tokenbench does "

@@ -16,7 +16,6 @@ uninterrupted trajectory.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
