@@ -57,7 +57,7 @@ def test_accuracy_only_rows_are_completed_by_a_timed_run(tmp_path, checkpoint):
     (["--method", "topk", "--keep", "abc"], "topk: keep='abc' is not a valid float"),
     (["--method", "none", "--model", "no_such_model"], "unknown model 'no_such_model'"),
     (["--method", "none", "--dataset", "no_such_data"], "unknown dataset 'no_such_data'; known datasets: "),
-    (["--method", "none", "--model", "resnet18"], "ResNet is not a timm VisionTransformer"),
+    (["--method", "none", "--model", "resnet18"], "ResNet is not a Vision Transformer with a token sequence tokenbench can reduce"),
     (["--method", "none", "--checkpoint", "/nonexistent/w.pt"], "checkpoint not found: /nonexistent/w.pt"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, argv, message):
