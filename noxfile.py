@@ -1,5 +1,5 @@
-"""Sessions: `nox -s tests`, `nox -s tests_oldest`, `nox -s regression`, `nox -s bench -- --method all`,
-`nox -s leaderboard -- --results DIR`.
+"""Sessions: `nox -s tests` (the fast tier), `nox -s tests_slow`, `nox -s tests_oldest`, `nox -s regression`,
+`nox -s bench -- --method all`, `nox -s leaderboard -- --results DIR`.
 
 torch and torchvision are pinned as a pair: PyPI's builds of these two versions import together on
 CPU-only and CUDA machines alike (a mismatched pair fails at `import torchvision`).
@@ -35,10 +35,18 @@ def option_value(args, name):
 
 @nox.session(python=PYTHON)
 def tests(session):
-    """Run the test suite and the conformance suite (or pass pytest arguments after --)."""
+    """The fast tier of the test suite and the conformance suite (or pass pytest arguments after --)."""
     install(session, "test")
     session.install("pip", "setuptools")  # the plugin test installs a package with pip
-    session.run("pytest", *(session.posargs or TESTS))
+    session.run("pytest", *(session.posargs or ["-m", "not slow", *TESTS]))
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_slow(session):
+    """The slow tier (`-m slow`): subprocess sweeps, real-data runs, searches; CI runs it after the fast tier."""
+    install(session, "test")
+    session.install("pip", "setuptools")
+    session.run("pytest", "-m", "slow", *(session.posargs or TESTS))
 
 
 @nox.session(python=PYTHON, default=False)
@@ -52,7 +60,7 @@ def tests_oldest(session):
 @nox.session(python=PYTHON, default=False)
 def bench(session):
     """Sweep methods and regenerate the leaderboard: nox -s bench -- --method all [--out DIR ...]."""
-    install(session, "fvcore")
+    install(session)
     args = list(session.posargs) or ["--method", "all"]
     out = option_value(args, "--out")
     if out is None:

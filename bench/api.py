@@ -12,13 +12,18 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from tokenbench import datasets, measure, models
+from tokenbench.data import registry as datasets
+from tokenbench.data.images import batches, preload
 from tokenbench.errors import BenchError
-from tokenbench.ledger import measure_gmacs
-from tokenbench.registry import all_methods, get_method, knob_label, knob_overrides
-from tokenbench.harness import batches, check_options, preload, sweep, timing_batch, timing_fields
+from tokenbench.measure import calibrations
+from tokenbench.measure import metrics as measure
+from tokenbench.models import loading as models
+from tokenbench.reduce.knobs import knob_label
+from tokenbench.reduce.ledger import measure_gmacs
+from tokenbench.reduce.registry import all_methods, get_method, knob_overrides
+from tokenbench.run.sweep import check_options, sweep, timing_batch, timing_fields
 
-__all__ = ["apply", "calibrate", "evaluate", "gmacs", "load_model", "method_table", "sweep"]
+__all__ = ["apply", "calibrate", "evaluate", "gmacs", "load_images", "load_model", "method_table", "sweep"]
 
 
 def load_model(name: str | None = None, checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
@@ -31,13 +36,20 @@ def load_model(name: str | None = None, checkpoint: str | None = None, pretraine
     return models.load_model(name, checkpoint, pretrained).model
 
 
+def load_images(model: nn.Module, dataset: str = "digits", split: str = "test",
+                data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a dataset split through `model`'s eval preprocessing, decoded once: (images, labels)."""
+    return preload(datasets.build_dataset(dataset, split, datasets.eval_transform(model), data_root).dataset)
+
+
 def apply(model: nn.Module, method: str, calibration: tuple | None = None, **knobs) -> nn.Module:
     """`model` (a timm ViT) with `method` applied at `knobs`; knobs not given take their no-op value.
 
     The result shares the model's weights and leaves it untouched. Knob names and values are checked as
     on the command line: `apply(vit, "topk", keep=1.5)` raises BenchError("topk: keep=1.5 is outside (0, 1]").
     A method that calibrates (DiffRate's rate search, DVT's thresholds) takes `calibration` = (images, labels)
-    of a held-out split, and says so when a setting needs it.
+    of a held-out split, and says so when a setting needs it; what it chooses there is kept in the calibration
+    store and reused while the model, the images and the knobs are the same (`tokenbench.measure.calibrations`).
     """
     chosen = get_method(method)
     knobs = chosen.check_knobs(knobs)
@@ -45,7 +57,10 @@ def apply(model: nn.Module, method: str, calibration: tuple | None = None, **kno
         if calibration is not None:
             raise BenchError(f"{method} does not calibrate: calibration= has nothing to choose")
         return chosen.build(model, **knobs).eval()
-    return chosen.build(model, **knobs, calibration=calibration).eval()  # the method says when it needs one
+    if calibration is None:
+        return chosen.build(model, **knobs).eval()  # the method says when it needs one
+    settings, _ = calibrations.calibrated(chosen, model, calibration, knobs)  # reused while inputs are the same
+    return chosen.build(model, **knobs, calibrated=settings).eval()
 
 
 def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: str = "val",
@@ -56,8 +71,7 @@ def calibrate(model: nn.Module, method: str, dataset: str = "digits", *, split: 
     chosen = get_method(method)
     if not chosen.needs_calibration:
         raise BenchError(f"{method} does not calibrate: nothing of it is chosen on held-out images")
-    ds = datasets.build_dataset(dataset, split, datasets.eval_transform(model), data_root)
-    images, labels = preload(ds.dataset)
+    images, labels = load_images(model, dataset, split, data_root)
     noop = chosen.noop_knobs()
     unreduced = chosen.build(model, **noop, calibrated=chosen.calibrate(model, (images, labels), **noop)).eval()
     dense = float(gmacs(unreduced, images[:1])[0])  # the method at its no-op setting: the dense model, every exit

@@ -17,8 +17,17 @@ change the result), and every prefix token bypasses clustering.
 import numpy as np
 import torch
 
-from tokenbench.registry import Knob, Method, keep_rate_knob, register_method
-from tokenbench.tokens import Merge, Need, TokenReducedViT, TokenReducer, default_reduction_blocks, stage_counts
+from tokenbench.reduce import (
+    Knob,
+    Merge,
+    Method,
+    Need,
+    TokenReducedViT,
+    TokenReducer,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 LINKAGES = ("average", "complete", "single")
 
@@ -87,7 +96,5 @@ class ATC(Method):
     summary = "agglomerative clustering of patch tokens in blocks 3/6/9 (cosine of keys); average each cluster"
 
     def build(self, model, keep=1.0, linkage="average"):
-        counts = stage_counts(model.patch_embed.num_patches, keep)
-        reducers = {} if keep >= 1.0 else {
-            b: AgglomerativeReducer(k, linkage) for b, k in zip(default_reduction_blocks(len(model.blocks)), counts)}
+        reducers = {b: AgglomerativeReducer(k, linkage) for b, k in reduction_stages(model, keep).items()}
         return TokenReducedViT(model, reducers, proportional_attention=False)

@@ -26,8 +26,17 @@ import math
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Need, Position, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks
+from tokenbench.reduce import (
+    Knob,
+    Method,
+    Need,
+    Position,
+    Prune,
+    TokenReducedViT,
+    TokenReducer,
+    default_reduction_blocks,
+    register_method,
+)
 
 
 def nearest_points(cdf: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenbench.errors import BenchError
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import (Merge, Need, Prune, TokenReducedViT, TokenReducer, TokenState, gather_tokens,
-                               classify, mean_attention_received, with_prefix)
+from tokenbench.reduce import (
+    BenchError,
+    Knob,
+    Merge,
+    Method,
+    Need,
+    Prune,
+    TokenReducedViT,
+    TokenReducer,
+    TokenState,
+    classify,
+    gather_tokens,
+    mean_attention_received,
+    register_method,
+    with_prefix,
+)
 
 SEARCH_STEPS = 200
 SEARCH_BATCH = 32

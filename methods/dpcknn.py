@@ -18,8 +18,16 @@ every prefix token bypasses clustering.
 
 import torch
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import Merge, Position, TokenReducedViT, TokenReducer, default_reduction_blocks, stage_counts
+from tokenbench.reduce import (
+    Merge,
+    Method,
+    Position,
+    TokenReducedViT,
+    TokenReducer,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 NEIGHBOURS = 5  # the benchmark's --k_neighbors default
 
@@ -65,7 +73,5 @@ class DPCKNN(Method):
     summary = "cluster patch tokens before blocks 3/6/9 by density peaks (k-NN density); average each cluster"
 
     def build(self, model, keep=1.0):
-        counts = stage_counts(model.patch_embed.num_patches, keep)
-        reducers = {} if keep >= 1.0 else {
-            b: DensityPeakReducer(k) for b, k in zip(default_reduction_blocks(len(model.blocks)), counts)}
+        reducers = {b: DensityPeakReducer(k) for b, k in reduction_stages(model, keep).items()}
         return TokenReducedViT(model, reducers, proportional_attention=False)

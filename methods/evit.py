@@ -13,8 +13,17 @@ each token receives, averaged over all queries, stands in for the class token's 
 (`tokenbench.tokens.run_attention`: it needs the full attention map; results rows record the substitute).
 """
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import Need, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count
+from tokenbench.reduce import (
+    Method,
+    Need,
+    Prune,
+    TokenReducedViT,
+    TokenReducer,
+    keep_count,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 
 class FuseInattentiveReducer(TokenReducer):
@@ -43,5 +52,5 @@ class EViT(Method):
     summary = "keep the most class-attended tokens at blocks 3/6/9, fuse the rest into one token"
 
     def build(self, model, keep=1.0):
-        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        blocks = reduction_stages(model, keep)
         return TokenReducedViT(model, {i: FuseInattentiveReducer(keep) for i in blocks})

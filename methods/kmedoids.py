@@ -15,8 +15,17 @@ protects its `num_tokens` first tokens, the same for DeiT).
 
 import torch
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import Need, Position, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks, stage_counts
+from tokenbench.reduce import (
+    Method,
+    Need,
+    Position,
+    Prune,
+    TokenReducedViT,
+    TokenReducer,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 ITERATIONS = 3  # the benchmark's --cluster_iters default
 
@@ -56,7 +65,5 @@ class KMedoids(Method):
     summary = "cluster patch tokens before blocks 3/6/9 (attention-weighted k-medoids); keep the medoids"
 
     def build(self, model, keep=1.0):
-        counts = stage_counts(model.patch_embed.num_patches, keep)
-        reducers = {} if keep >= 1.0 else {
-            b: MedoidReducer(k) for b, k in zip(default_reduction_blocks(len(model.blocks)), counts)}
+        reducers = {b: MedoidReducer(k) for b, k in reduction_stages(model, keep).items()}
         return TokenReducedViT(model, reducers, proportional_attention=False)

@@ -20,8 +20,7 @@ which is right for the class token alone).
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Position, TokenReducedViT, TokenReducer
+from tokenbench.reduce import Knob, Merge, Method, Position, TokenReducedViT, TokenReducer, register_method
 
 TAU_SIM, TAU_INFO, TAU_SIZE = 1, 20, 40  # the official evaluation's temperatures
 

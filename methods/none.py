@@ -1,7 +1,6 @@
 """The dense model: every token through every block. The reference every method is compared with."""
 
-from tokenbench.registry import Method, register_method
-from tokenbench.tokens import TokenReducedViT
+from tokenbench.reduce import Method, TokenReducedViT, register_method
 
 
 @register_method

@@ -21,8 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, TokenReducedViT, TokenReducer
+from tokenbench.reduce import Knob, Merge, Method, Need, TokenReducedViT, TokenReducer, register_method
 
 
 class EnergyMergeReducer(TokenReducer):

@@ -16,8 +16,7 @@ receives stands in for the class token's (as for top-k and EViT).
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, TokenReducedViT, default_reduction_blocks
+from tokenbench.reduce import Knob, Merge, Method, Need, TokenReducedViT, default_reduction_blocks, register_method
 
 from .tome import BipartiteMergeReducer
 

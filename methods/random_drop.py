@@ -8,8 +8,14 @@ depend on its place in the batch (`batch_invariant` is False): only the distribu
 
 import torch
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import KeepRateReducer, TokenReducedViT, default_reduction_blocks
+from tokenbench.reduce import (
+    KeepRateReducer,
+    Method,
+    TokenReducedViT,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 
 class RandomReducer(KeepRateReducer):
@@ -31,5 +37,5 @@ class RandomDrop(Method):
 
     def build(self, model, keep=1.0):
         generator = torch.Generator().manual_seed(torch.initial_seed())
-        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        blocks = reduction_stages(model, keep)
         return TokenReducedViT(model, {i: RandomReducer(keep, generator) for i in blocks})

@@ -16,8 +16,7 @@ the mean, and the group mean is unweighted.
 """
 
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Prune, TokenReducedViT
+from tokenbench.reduce import Knob, Merge, Method, Prune, TokenReducedViT, register_method
 
 from .tome import BipartiteMergeReducer, merge_schedule
 

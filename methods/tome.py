@@ -13,8 +13,7 @@ Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (official code: fa
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, TokenReducedViT, TokenReducer
+from tokenbench.reduce import Knob, Merge, Method, Need, TokenReducedViT, TokenReducer, register_method
 
 
 def merge_schedule(r: int, inflect: float, depth: int) -> list[int]:

@@ -5,8 +5,15 @@ tokens ranked by the class token's attention averaged over heads; the class toke
 Liang et al., "Not All Patches are What You Need" (EViT), ICLR 2022, rows without fusion.
 """
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import KeepRateReducer, Need, TokenReducedViT, default_reduction_blocks
+from tokenbench.reduce import (
+    KeepRateReducer,
+    Method,
+    Need,
+    TokenReducedViT,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 
 class ClassAttentionReducer(KeepRateReducer):
@@ -24,5 +31,5 @@ class TopK(Method):
     summary = "keep the most class-attended tokens at blocks 3/6/9"
 
     def build(self, model, keep=1.0):
-        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        blocks = reduction_stages(model, keep)
         return TokenReducedViT(model, {i: ClassAttentionReducer(keep) for i in blocks})

@@ -32,8 +32,7 @@ import dataclasses
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Need, TokenReducedViT
+from tokenbench.reduce import Knob, Method, Need, TokenReducedViT, register_method
 
 from .tome import BipartiteMergeReducer
 

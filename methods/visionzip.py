@@ -23,8 +23,7 @@ Later blocks use plain attention: the official output goes to the language model
 
 import torch
 
-from tokenbench.registry import Knob, Method, register_method
-from tokenbench.tokens import Merge, Need, Position, TokenReducedViT, TokenReducer
+from tokenbench.reduce import Knob, Merge, Method, Need, Position, TokenReducedViT, TokenReducer, register_method
 
 BLOCK = 2  # 0-based: VisionZip reduces after this block's MLP
 

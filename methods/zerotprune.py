@@ -25,8 +25,17 @@ import math
 
 import torch
 
-from tokenbench.registry import Method, keep_rate_knob, register_method
-from tokenbench.tokens import Need, Prune, TokenReducedViT, TokenReducer, default_reduction_blocks, keep_count
+from tokenbench.reduce import (
+    Method,
+    Need,
+    Prune,
+    TokenReducedViT,
+    TokenReducer,
+    keep_count,
+    keep_rate_knob,
+    reduction_stages,
+    register_method,
+)
 
 ITERATIONS = (30, 10, 1)  # PageRank iterations in the shallow, middle and deep reduction block
 
@@ -85,5 +94,5 @@ class ZeroTPrune(Method):
     summary = "PageRank importance on the attention graph, then similarity pruning, at blocks 3/6/9 (no official code)"
 
     def build(self, model, keep=1.0):
-        blocks = default_reduction_blocks(len(model.blocks)) if keep < 1 else ()
+        blocks = reduction_stages(model, keep)
         return TokenReducedViT(model, {i: ZeroTPruneReducer(keep, it) for i, it in zip(blocks, ITERATIONS)})

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-import tokenbench.models  # noqa: F401  (registers vit_digits with timm)
+import tokenbench.models.loading  # noqa: F401  (registers vit_digits with timm)
 from tokenbench.testing.conftest import digit_images, tiny_vit  # noqa: F401  (the conformance suite's fixtures)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -30,7 +30,7 @@ def image_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A tokenbench checkpoint of the embedded architecture with seeded random weights (for sweep mechanics)."""
-    from tokenbench.models import save_checkpoint
+    from tokenbench.models.loading import save_checkpoint
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "vit_digits_random.pt"

@@ -2,6 +2,7 @@
 and a command line that starts without the heavy imports."""
 
 import argparse
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -15,7 +16,8 @@ import torch
 
 import tokenbench
 from tokenbench.cli import build_parser, main
-from tokenbench.registry import HARNESS_OPTIONS, Knob, Method, all_methods, knob_by_name, register_method
+from tokenbench.reduce.knobs import Knob
+from tokenbench.reduce.registry import HARNESS_OPTIONS, Method, all_methods, knob_by_name, register_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,6 +32,8 @@ def test_the_readme_api_example_runs_as_written(capsys):
     assert list(rows["method"]) == ["none", "topk", "topk"] and rows["knobs"].iloc[1] == {"keep": 0.7}
     out = capsys.readouterr().out
     assert "tome" in out and "dynamicvit" in out  # the method table was printed
+    quoted = re.findall(r'# prints "(.*?)"', code)
+    assert quoted and all(figure in out for figure in quoted), (quoted, out[:300])  # the figures it quotes
 
 
 def test_apply_checks_knobs_with_the_cli_s_messages(tiny_vit, capsys, tmp_path):
@@ -99,13 +103,14 @@ def test_every_harness_option_is_reserved():
     assert options <= HARNESS_OPTIONS, sorted(options - HARNESS_OPTIONS)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["bench", "--methd", "all"], ["bench", "--out", "x",
-                                                                                          "--keep", "abc"]])
-def test_the_command_line_starts_without_timm_or_the_compiler(argv):
-    """--help, methods and argument errors answer before timm, torchvision or torch's compiler are imported."""
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["train", "--help"], ["methods"],
+                                  ["bench", "--methd", "all"], ["bench", "--out", "x", "--keep", "abc"]])
+def test_the_command_line_starts_without_torch(argv):
+    """--help, methods and argument errors answer before torch (or timm, torchvision, pandas) is imported: the
+    methods' metadata is read from their source (`registry.declared_methods`)."""
     code = ("import sys\nfrom tokenbench.cli import main\n"
             "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as done:\n    code = done.code\n"
-            "heavy = [m for m in ('timm', 'torchvision', 'torch._dynamo', 'pandas') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'timm', 'torchvision', 'pandas') if m in sys.modules]\n"
             "print('HEAVY', heavy, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     heavy = done.stderr.strip().splitlines()[-1]
@@ -114,7 +119,41 @@ def test_the_command_line_starts_without_timm_or_the_compiler(argv):
 
 def test_the_light_help_text_names_every_dataset():
     """`bench --help` lists the datasets without importing them; the list must not drift from the registry."""
-    from tokenbench import datasets
-    from tokenbench.commands import bench
+    from tokenbench.cli import bench
+    from tokenbench.data import registry as datasets
 
-    assert sorted(bench.DATASETS.split(", ")) == datasets.dataset_names()
+    help_text = next(a.help for a in bench.add_parser(argparse.ArgumentParser().add_subparsers())._actions
+                     if a.dest == "dataset")
+    assert all(name in help_text for name in datasets.dataset_names()) and "kinetics400" in help_text
+
+
+def test_every_method_s_declared_metadata_is_its_class_s():
+    """`tokenbench methods` and option parsing read the built-ins from source; what they read must be what
+    importing the class gives (names, families, knobs with their sweeps, no-ops and ranges, summaries)."""
+    from tokenbench.reduce import registry
+
+    for ep in importlib.metadata.entry_points(group=registry.ENTRY_POINT_GROUP):
+        declared = registry._declaration(ep)
+        assert declared is not None, f"{ep.value} does not declare its metadata literally: the CLI would import torch"
+        real = ep.load()
+        for field in registry.DECLARED:
+            assert getattr(declared, field) == getattr(real, field), (ep.name, field)
+
+
+def test_a_method_declared_from_code_is_imported_instead(tmp_path, monkeypatch):
+    from tokenbench.reduce import registry
+
+    (tmp_path / "computed_knobs.py").write_text(
+        "from tokenbench.reduce import Knob, Method\n\n"
+        "def make():\n    return (Knob('stride', (2,), noop=1, kind=int),)\n\n"
+        "class Computed(Method):\n    name = 'computed'\n    family = 'prune'\n    knobs = make()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint("computed", "computed_knobs:Computed", registry.ENTRY_POINT_GROUP)
+    assert registry._declaration(ep) is None  # not literal: the registry imports it (`_load`)
+    (tmp_path / "literal_knobs.py").write_text(
+        "from tokenbench.reduce import Knob, Method\n\nSWEEP = (2, 4)\n\n"
+        "class Literal(Method):\n    name = 'literal'\n    family = 'prune'\n"
+        "    knobs = (Knob('stride', SWEEP, noop=1, kind=int),)\n")
+    declared = registry._declaration(importlib.metadata.EntryPoint("literal", "literal_knobs:Literal",
+                                                                   registry.ENTRY_POINT_GROUP))
+    assert declared.knobs[0].sweep == (2, 4) and "literal_knobs" not in sys.modules

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenbench.cli import main
-from tokenbench.results import read_results
+from tokenbench.measure.results import read_results
 
 
 def run(*argv):

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-import tokenbench.models  # noqa: F401  (registers vit_digits with timm)
+import tokenbench.models.loading  # noqa: F401  (registers vit_digits with timm)
 
 
 @pytest.fixture

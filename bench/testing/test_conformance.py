@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-from tokenbench.ledger import flop_counter_gmacs, measure_gmacs
-from tokenbench.registry import all_methods, get_method
+from tokenbench.reduce.ledger import flop_counter_gmacs, measure_gmacs
+from tokenbench.reduce.registry import all_methods, get_method
 
 BLOCK_LEVEL = [name for name, cls in all_methods().items() if cls.family != "early-exit" and not cls.needs_training]
 

@@ -21,32 +21,11 @@ Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Tran
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-import torch.nn as nn
-import torch.nn.functional as F
+from tokenbench.reduce import BenchError, Knob, Method, register_method
 
-from tokenbench.errors import BenchError
-from tokenbench.registry import Knob, Method, register_method
-
-from .thresholds import CRITERIA, exit_outputs, family_thresholds, search_thresholds
-
-if TYPE_CHECKING:
-    from .architecture import DVTCascade
-
-
-class EarlyExitDVT(nn.Module):
-    """A cascade with fixed exit thresholds on an exit criterion: what the harness measures."""
-
-    def __init__(self, cascade: DVTCascade, thresholds, criterion: str = "confidence"):
-        super().__init__()
-        self.cascade = cascade
-        self.thresholds = [float(t) for t in thresholds]
-        self.criterion = criterion
-
-    def forward(self, images):
-        return self.cascade(images, self.thresholds, self.criterion)
-
+# This file imports no torch: `tokenbench methods` and option parsing read the method without it.
+REUSE = {"both": (True, True), "feature": (True, False), "relation": (False, True), "none": (False, False)}
 
 @register_method
 class DVT(Method):
@@ -57,13 +36,16 @@ class DVT(Method):
     knobs = (Knob("cost", (0.15, 0.2, 0.25, 0.3, 0.4, 1.0), noop=1.0, low=0.0, high=1.0,
                   help="DVT: the GMACs budget, mean GMACs allowed on the held-out split as a fraction of "
                        "running every exit (1 = no early exit)"),
-             Knob("criterion", ("confidence",), noop="confidence", kind=str, choices=CRITERIA,
+             Knob("criterion", ("confidence",), noop="confidence", kind=str,
+                  choices=("confidence", "entropy", "random"),  # thresholds.CRITERIA (test_dvt checks)
                   help="DVT: what decides an early exit: confidence (the paper's max softmax), entropy, or random "
                        "(a seeded draw per image at exit fractions that meet the budget; the paper's baseline)"))
     summary = "cascade of ViTs on 4x4/6x6/8x8 (7x7/10x10/14x14) grids with feature and relation reuse; exits when confident"
 
     def calibrate(self, model, calibration, cost=1.0, criterion="confidence"):
         """The exit thresholds that meet `cost` on the held-out split (none below 1: no early exit)."""
+        from .thresholds import exit_outputs, family_thresholds, search_thresholds
+
         if cost >= 1.0:
             return {"thresholds": [math.inf] * (len(model.stages) - 1)}
         images, labels = calibration
@@ -86,19 +68,50 @@ class DVT(Method):
             if cost < 1.0 and calibration is None:
                 raise BenchError("dvt needs a held-out split to choose its exit thresholds")
             calibrated = self.calibrate(model, calibration, cost, criterion)
+        from .architecture import EarlyExitDVT
+
         return EarlyExitDVT(model, calibrated["thresholds"], criterion)
 
     def checkpoint_for(self, model_name, dataset):
-        from tokenbench.models import asset
-
         shipped = {"digits": ("vit_digits", "dvt_digits"), "cifar10": ("vit_cifar10", "dvt_cifar10")}
         if model_name not in shipped.get(dataset, ()):
             return None
-        path = asset(f"dvt_{dataset}.pt")  # the cascade with both reuses, on the backbone's width and depth
+        path = self.weights_file(f"dvt_{dataset}.pt")  # the cascade with both reuses, on the backbone's width and depth
         return path if path.exists() else None
+
+    @classmethod
+    def add_training_options(cls, group):
+        group.add_argument("--reuse", default="both", choices=list(REUSE),
+                           help="which reuse paths the cascade has (the paper's ablation)")
+        group.add_argument("--backbone", default=None,
+                           help="start every stage from this ViT checkpoint (patch and position embeddings resampled)")
+
+    def training_model_kwargs(self, options):
+        return dict(zip(("feature_reuse", "relation_reuse"), REUSE[options["reuse"]]))
+
+    def prepare_training_model(self, model, options, load_model):
+        if options["backbone"]:
+            from .architecture import init_from_backbone
+
+            init_from_backbone(model, load_model(options["backbone"]))
+
+    def training_record(self, model, loader):
+        """Test top-1 of every exit, each image answered there (what `dvt-ablation` reports)."""
+        import torch
+
+        from .thresholds import exit_outputs
+
+        hits, total = None, 0
+        for images, labels in loader:
+            _, correct = exit_outputs(model, images, labels)
+            hits = correct.sum(1) if hits is None else hits + correct.sum(1)
+            total += len(labels)
+        return {"exit_test_top1": [float(h) / total for h in torch.as_tensor(hits)]}
 
     def training_loss(self, model):
         """The paper's loss: cross-entropy summed over all exits."""
+        import torch.nn.functional as F
+
         from .architecture import DVTCascade
 
         if not isinstance(model, DVTCascade):

@@ -27,11 +27,17 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from tokenbench.data import DIGITS_PREPROCESSING
-from tokenbench.errors import BenchError
-from tokenbench.ledger import (BlockCost, CostLedger, active_ledger, embed_macs, linear_macs_per_token,
-                               norm_macs_per_token)
-from tokenbench.tokens import Need, run_attention
+from tokenbench.reduce import (
+    BenchError,
+    BlockCost,
+    CostLedger,
+    Need,
+    active_ledger,
+    embed_macs,
+    linear_macs_per_token,
+    norm_macs_per_token,
+    run_attention,
+)
 
 from .thresholds import exit_score
 
@@ -56,6 +62,19 @@ class Context:
 
     def select(self, index: torch.Tensor) -> "Context":
         return Context(self.features[index], None if self.logits is None else self.logits[index])
+
+
+class EarlyExitDVT(nn.Module):
+    """A cascade with fixed exit thresholds on an exit criterion: what the harness measures."""
+
+    def __init__(self, cascade: DVTCascade, thresholds, criterion: str = "confidence"):
+        super().__init__()
+        self.cascade = cascade
+        self.thresholds = [float(t) for t in thresholds]
+        self.criterion = criterion
+
+    def forward(self, images):
+        return self.cascade(images, self.thresholds, self.criterion)
 
 
 def upsample_grid(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -277,6 +296,10 @@ def init_from_backbone(cascade: DVTCascade, backbone: VisionTransformer) -> None
                                  f"{tuple(into.shape)}")
 
 
+# The embedded digits models' preprocessing (tokenbench.models.loading.DIGITS_PREPROCESSING; test_dvt checks they agree).
+DIGITS_PREPROCESSING = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+                            crop_mode="center", interpolation="bilinear")
+
 default_cfgs = generate_default_cfgs({
     "dvt_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
                                   classifier="head", license="apache-2.0"),
@@ -304,7 +327,7 @@ def dvt_deit_small(pretrained=False, feature_reuse=True, relation_reuse=True, **
 def dvt_digits(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
     """The embedded default: three 4-block ViTs (dim 64, 2 heads) on 32x32 digits at 4x4, 6x6, 8x8 tokens."""
     if pretrained:
-        raise BenchError("dvt_digits weights ship as bench/assets/dvt_digits.pt; load them with --checkpoint")
+        raise BenchError("dvt_digits weights ship as methods/dvt/weights/dvt_digits.pt; load them with --checkpoint")
     grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
     args = dict(img_size=32, embed_dim=64, depth=4, num_heads=2, num_classes=10)
     return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_digits", **dict(args, **kwargs))
@@ -314,7 +337,7 @@ def dvt_digits(pretrained=False, feature_reuse=True, relation_reuse=True, **kwar
 def dvt_cifar10(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
     """vit_cifar10's width and depth (12 blocks, dim 64, 2 heads) on 4x4, 6x6, 8x8 tokens of 32x32 images."""
     if pretrained:
-        raise BenchError("dvt_cifar10 weights ship as bench/assets/dvt_cifar10*.pt; load them with --checkpoint")
+        raise BenchError("dvt_cifar10 weights ship as methods/dvt/weights/dvt_cifar10*.pt; load them with --checkpoint")
     grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
     args = dict(img_size=32, embed_dim=64, depth=12, num_heads=2, num_classes=10)
     return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_cifar10", **dict(args, **kwargs))

@@ -15,10 +15,11 @@ import math
 import numpy as np
 import torch
 
-CRITERIA = ("confidence", "entropy", "random")
 RANDOM_KEY = b"tokenbench-dvt-random-exit-0"  # the seed of random exit
 
-from tokenbench.errors import BenchError
+from tokenbench.reduce import BenchError
+
+CRITERIA = ("confidence", "entropy", "random")  # what decides an early exit (`exit_scores`)
 
 
 def exit_choice(confidence: np.ndarray, thresholds) -> np.ndarray:

@@ -23,10 +23,12 @@ from pathlib import Path
 import timm
 import torch
 
-from tokenbench import cache, datasets, models
 from tokenbench.cli import main
-from tokenbench.registry import get_method
-from tokenbench.results import cpu_name, read_results
+from tokenbench.data import registry as datasets
+from tokenbench.data import store as cache
+from tokenbench.measure.results import cpu_name, read_results
+from tokenbench.models import loading as models
+from tokenbench.reduce.registry import get_method
 
 METHODS = ("none", "topk", "random", "evit", "tome", "ats")
 

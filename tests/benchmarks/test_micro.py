@@ -9,11 +9,12 @@ machine, so the comparison is informational; the gate is `tokenbench regression`
 import pytest
 import torch
 
-from tokenbench import regression as reg
-from tokenbench.ledger import measure_gmacs
-from tokenbench.registry import all_methods
+from tokenbench.reduce.ledger import measure_gmacs
+from tokenbench.reduce.registry import all_methods
+from tokenbench.regression import snapshot as reg
+from tokenbench.regression import speed_gate as gate
 
-SETUP = reg.SpeedSetup()
+SETUP = gate.SpeedSetup()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,7 +29,7 @@ def test_forward(benchmark, name):
         model = reg.random_model(SETUP.model)
         x, knobs = reg.random_images(model, SETUP.batch), {}
     else:
-        timed = reg.timed_models(all_methods()[name], SETUP)
+        timed = gate.timed_models(all_methods()[name], SETUP)
         if isinstance(timed, str):
             pytest.skip(timed)
         _, model, x, knobs = timed

@@ -1,0 +1,131 @@
+"""The calibration store: computed once, reused while its inputs are the same, never trusted when unsound."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tokenbench.measure import calibrations
+from tokenbench.reduce import Knob, Method
+
+
+class Counting(Method):
+    """A calibrating method that counts its searches."""
+
+    name = "counting"
+    family = "prune"
+    needs_calibration = True
+    knobs = (Knob("target", (0.5, 0.7), noop=1.0, low=0.0, high=1.0),)
+    searches = 0
+
+    def calibrate(self, model, calibration, target=1.0):
+        type(self).searches += 1
+        return {"counts": [round(10 * target), 3]}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrations, "shipped_folder", lambda method: tmp_path / "shipped" / method)
+    Counting.searches = 0
+    torch.manual_seed(0)
+    model, data = nn.Linear(4, 2), (torch.randn(6, 4), torch.arange(6) % 2)
+    return Counting(), model, data, tmp_path
+
+
+def the_file(tmp_path):
+    (path,) = (tmp_path / "cache" / "calibrations" / "counting").glob("*.json")
+    return path
+
+
+def test_a_calibration_is_computed_once_then_loaded(store):
+    method, model, data, tmp_path = store
+    first, made = calibrations.calibrated(method, model, data, {"target": 0.5})
+    again, loaded = calibrations.calibrated(method, model, data, {"target": 0.5})
+    assert first == again == {"counts": [5, 3]} and Counting.searches == 1
+    assert made["source"] == "computed" and loaded["source"] == "loaded" and made["key"] == loaded["key"]
+    _, forced = calibrations.calibrated(method, model, data, {"target": 0.5}, recalibrate=True)
+    assert forced["source"] == "computed" and Counting.searches == 2
+
+
+def test_the_key_follows_knobs_weights_data_and_version(store):
+    method, model, data, _ = store
+    key = calibrations.calibrated(method, model, data, {"target": 0.5})[1]["key"]
+    other_model = nn.Linear(4, 2)
+    keys = {calibrations.calibrated(method, model, data, {"target": 0.7})[1]["key"],
+            calibrations.calibrated(method, other_model, data, {"target": 0.5})[1]["key"],
+            calibrations.calibrated(method, model, (data[0] + 1, data[1]), {"target": 0.5})[1]["key"]}
+    Counting.calibration_version = 2
+    try:
+        keys.add(calibrations.calibrated(method, model, data, {"target": 0.5})[1]["key"])
+    finally:
+        del Counting.calibration_version
+    assert key not in keys and len(keys) == 4 and Counting.searches == 5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited counts", "another model's file"])
+def test_an_unsound_file_is_recomputed_with_a_warning(store, damage, capsys):
+    method, model, data, tmp_path = store
+    calibrations.calibrated(method, model, data, {"target": 0.5})
+    path = the_file(tmp_path)
+    text = path.read_text()
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "edited counts":
+        record = json.loads(text)
+        record["settings"]["counts"][0] = 6  # a hand edit that leaves the checksum as it was
+        path.write_text(json.dumps(record))
+    else:  # a sound record of another calibration, stored under this key's name
+        calibrations.calibrated(method, nn.Linear(4, 2), data, {"target": 0.5})
+        other = next(p for p in path.parent.glob("*.json") if p != path)
+        path.write_text(other.read_text())
+    settings, provenance = calibrations.calibrated(method, model, data, {"target": 0.5})
+    assert settings == {"counts": [5, 3]} and provenance["source"] == "computed"
+    assert "not a sound calibration" in capsys.readouterr().err
+    assert json.loads(path.read_text())["settings"] == {"counts": [5, 3]}  # rewritten sound
+
+
+def test_a_shipped_calibration_comes_first_and_is_checked_like_any_other(store, capsys):
+    method, model, data, tmp_path = store
+    path = calibrations.ship(method, model, data, {"target": 0.5}, origin={"model": "linear"})
+    assert path.parent == tmp_path / "shipped" / "counting" and Counting.searches == 1
+    _, provenance = calibrations.calibrated(method, model, data, {"target": 0.5})
+    assert provenance["source"] == "shipped" and Counting.searches == 1
+    path.write_text(path.read_text().replace('"settings_sha256": "', '"settings_sha256": "0'))
+    _, provenance = calibrations.calibrated(method, model, data, {"target": 0.5})
+    assert provenance["source"] == "computed" and "not a sound calibration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_shipped_calibrations_are_reproduced_on_this_torch(tmp_path, monkeypatch):
+    """Recompute every shipped calibration (one thread, as `tokenbench calibrate --write-shipped`) and compare:
+    a change to a search, a model or the data that moves them fails here, so they never go stale silently."""
+    shipped = {p.relative_to(calibrations.shipped_folder("x").parent): json.loads(p.read_text())
+               for p in calibrations.shipped_folder("x").parent.glob("*/*.json")}
+    assert shipped, "no calibrations ship"
+    monkeypatch.setattr(calibrations, "shipped_folder", lambda method: tmp_path / method)
+    with torch.inference_mode(False):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            calibrations.write_shipped(sorted({str(p.parent) for p in shipped}), log=lambda *a: None)
+        finally:
+            torch.set_num_threads(threads)
+    differ = [str(p) for p, record in shipped.items()
+              if json.loads((tmp_path / p).read_text())["settings"] != record["settings"]]
+    assert not differ, f"recomputed on torch {torch.__version__}, these differ from the shipped files: {differ}"
+
+
+def test_the_cache_command_lists_and_clears(store, capsys):
+    from tokenbench.cli import main
+
+    method, model, data, tmp_path = store
+    calibrations.calibrated(method, model, data, {"target": 0.7})
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "1 calibrations" in out and "counting {'target': 0.7}" in out
+    assert main(["cache", "clear", "--what", "calibrations"]) == 0
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    _, provenance = calibrations.calibrated(method, model, data, {"target": 0.7})
+    assert provenance["source"] == "computed"
