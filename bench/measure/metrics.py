@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -29,18 +29,48 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def measured(merge: str, **kwargs):
+    """A field of `Evaluation` with the rule that merges it across shards of the images (`Evaluation.merged`):
+    "sum", "fraction" (of the images: exact counts added), "mean" (weighted by images; lists elementwise,
+    dicts per key) or "per image" (arrays concatenated in image order; None if a part has none)."""
+    return field(metadata={"merge": merge}, **kwargs)
+
+
 @dataclass
 class Evaluation:
-    n_images: int
-    top1: float
-    top5: float
-    gmacs: np.ndarray  # per image
-    matmul_gmacs: np.ndarray  # per image, without norms (what FlopCounterMode counts)
-    tokens_per_block: list[float]  # mean over images of the tokens entering each block
-    stats: dict = field(default_factory=dict)  # means of what the method noted per image (e.g. exit fractions)
-    nonfinite: int = 0  # images whose logits held NaN or inf
-    correct: np.ndarray | None = None  # per image, in the dataset's order: top-1 right or not
-    labels: np.ndarray | None = None  # per image, in the same order
+    """What evaluating one configuration measured. A new metric is one field here, with its merge rule."""
+
+    n_images: int = measured("sum")
+    top1: float = measured("fraction")
+    top5: float = measured("fraction")
+    gmacs: np.ndarray = measured("per image")
+    matmul_gmacs: np.ndarray = measured("per image")  # without norms (what FlopCounterMode counts)
+    tokens_per_block: list[float] = measured("mean")  # the tokens entering each block
+    stats: dict = measured("mean", default_factory=dict)  # what the method noted per image (e.g. exit fractions)
+    nonfinite: int = measured("sum", default=0)  # images whose logits held NaN or inf
+    correct: np.ndarray | None = measured("per image", default=None)  # top-1 right or not, in the dataset's order
+    labels: np.ndarray | None = measured("per image", default=None)  # in the same order
+
+    @classmethod
+    def merged(cls, parts: list["Evaluation"]) -> "Evaluation":
+        """One Evaluation from those of consecutive slices of the images (in image order), field by field."""
+        parts = [p for p in parts if p.n_images]
+        n = sum(p.n_images for p in parts)
+        values = {}
+        for f in fields(cls):
+            own = [getattr(p, f.name) for p in parts]
+            rule = f.metadata["merge"]
+            if rule == "sum":
+                values[f.name] = sum(own)
+            elif rule == "fraction":
+                values[f.name] = sum(round(v * p.n_images) for v, p in zip(own, parts)) / n
+            elif rule == "per image":
+                values[f.name] = None if any(v is None for v in own) else np.concatenate(own)
+            elif isinstance(own[0], dict):
+                values[f.name] = {k: sum(v[k] * p.n_images for v, p in zip(own, parts)) / n for k in own[0]}
+            else:
+                values[f.name] = (np.sum([np.asarray(v) * p.n_images for v, p in zip(own, parts)], axis=0) / n).tolist()
+        return cls(**values)
 
     def summary(self) -> dict:
         g = self.gmacs

@@ -15,7 +15,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,32 +57,13 @@ def contiguous_slice(n: int, world: World) -> tuple[int, int]:
     return start, start + base + (world.rank < extra)
 
 
-def merge(parts: list[Evaluation]) -> Evaluation:
-    """One Evaluation from per-rank ones over consecutive slices (rank order = image order)."""
-    parts = [p for p in parts if p.n_images]
-    n = sum(p.n_images for p in parts)
-    correct1 = sum(round(p.top1 * p.n_images) for p in parts)
-    correct5 = sum(round(p.top5 * p.n_images) for p in parts)
-    tokens = np.sum([np.asarray(p.tokens_per_block) * p.n_images for p in parts], axis=0) / n
-    stats = {k: sum(p.stats[k] * p.n_images for p in parts) / n for k in parts[0].stats}
-    return Evaluation(n, correct1 / n, correct5 / n, joined(parts, "gmacs"), joined(parts, "matmul_gmacs"),
-                      tokens.tolist(), stats, sum(p.nonfinite for p in parts), joined(parts, "correct"),
-                      joined(parts, "labels"))
-
-
-def joined(parts: list[Evaluation], field: str) -> np.ndarray | None:
-    """The per-image arrays `field` of the parts in rank order, or None where a part has none."""
-    arrays = [getattr(p, field) for p in parts]
-    return None if any(a is None for a in arrays) else np.concatenate(arrays)
-
-
 def gather(evaluation: Evaluation | None, world: World) -> Evaluation | None:
     """The merged evaluation on every rank (a rank with no images passes None)."""
     if world.size == 1:
         return evaluation
     parts = [None] * world.size
     dist.all_gather_object(parts, evaluation)
-    return merge([p for p in parts if p is not None])
+    return Evaluation.merged([p for p in parts if p is not None])
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -89,7 +89,8 @@ def test_noop_setting_reproduces_dense_logits(name, tiny_vit, digit_images):
     assert torch.equal(out, dense)
 
 
-@pytest.mark.parametrize("name", BLOCK_LEVEL)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if all_methods()[n].needs_calibration else n
+                                  for n in BLOCK_LEVEL])  # a calibrating method searches at every sweep point
 def test_default_sweep_shapes_and_token_counts(name, tiny_vit, digit_images):
     method = get_method(name)
     dense = measure_gmacs(get_method("none").build(tiny_vit), digit_images)

@@ -376,6 +376,7 @@ def test_kinetics_pipeline_end_to_end_on_real_clips(tmp_path, monkeypatch, capsy
     assert dense.cls_substitute is None and topk.cls_substitute == "mean attention received"
 
 
+@pytest.mark.slow
 def test_streamed_video_set_gives_the_rows_kept_in_memory_gives(tmp_path, monkeypatch, capsys):
     def sweep(out):
         assert main(["bench", "--method", "none,evit", "--keep", "0.5", "--dataset", "moving-digits",

@@ -86,6 +86,7 @@ def test_bench_budget_records_requested_and_achieved(tmp_path, vit):
     assert 0.55 < rows["topk"].budget_achieved <= 0.6
 
 
+@pytest.mark.slow
 def test_dvt_finds_its_budget_above_its_first_exit():
     """A cost fraction below the first exit's cost cannot be built; the search starts where building does."""
     from tokenbench.data import registry as datasets

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test installs a package and runs subprocesses
+
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "writing-a-method.md"
 
 

@@ -34,6 +34,7 @@ def test_digits_splits_are_disjoint_stratified_and_fixed():
     assert all((splits["test"][1] == c).sum() >= 50 for c in range(10))
 
 
+@pytest.mark.slow
 def test_cifar10_reference_weights_reach_their_recorded_test_accuracy():
     root = shared_data("cifar10")
     loaded = load_model("vit_cifar10")

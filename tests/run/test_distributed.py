@@ -41,7 +41,7 @@ def evaluation(top1, gmacs, tokens, stats):
 
 def test_merge_is_the_single_process_evaluation():
     parts = [evaluation(2 / 3, [1, 2, 3], [65.0, 40.0], {"exit": 0.5}), evaluation(0.0, [4], [65.0, 20.0], {"exit": 1.0})]
-    merged = distributed.merge(parts)
+    merged = Evaluation.merged(parts)
     assert merged.n_images == 4 and merged.top1 == 0.5 and merged.gmacs.tolist() == [1, 2, 3, 4]
     assert merged.tokens_per_block == [65.0, 35.0] and merged.stats == {"exit": 0.625}
     assert merged.correct.tolist() == [True, True, False, False] and merged.labels.tolist() == [1, 2, 3, 4]
