@@ -61,8 +61,9 @@ def timing_fields(model, images: torch.Tensor, dtype: str, repeats: int, compile
             model, seconds, ran = speed.compiled(model, [images, images[:1]], dtype)
         compiled_fields = dict(compile_s=None if seconds != seconds else seconds, compiled=ran)
     load_before = os.getloadavg()[0]
-    tp = measure.throughput(model, images, dtype, repeats=repeats, warmup_s=2.0 if cuda else 0.2,
-                            min_repeat_s=0.2 if cuda else 0.1, warmup_rounds=2, stop=STOP)
+    # On CPU the evaluation that just ran this model at this batch size is its warm-up: one sizing round here.
+    tp = measure.throughput(model, images, dtype, repeats=repeats, warmup_s=2.0 if cuda else 0.0,
+                            min_repeat_s=0.2 if cuda else 0.1, warmup_rounds=2 if cuda else 1, stop=STOP)
     lat = measure.latency(model, images, dtype, repeats=repeats, warmup_s=1.0 if cuda else 0.1, min_repeat_s=0.05,
                           warmup_rounds=2, stop=STOP)
     noisy = tp.iqr > NOISY * tp.median or lat.iqr > NOISY * lat.median
