@@ -1,5 +1,6 @@
 """The command line as a user runs it: sweeps, resume, and one-line errors that write nothing."""
 
+import argparse
 import json
 
 import pytest
@@ -72,7 +73,9 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"this is not a checkpoint")
     assert run("bench", "--method", "none", "--checkpoint", bad, "--out", tmp_path / "o") == 2
-    assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot read checkpoint {bad}: it is truncated or not a torch checkpoint" in err
+    assert err.count("\n") == 1 and "weights_only" not in err
 
 
 def test_checkpoints_never_unpickle_code(tmp_path, capsys):
@@ -86,7 +89,19 @@ def test_checkpoints_never_unpickle_code(tmp_path, capsys):
     torch.save({"model": "vit_digits", "state_dict": {}, "x": Payload()}, evil, pickle_module=pickle)
     assert run("bench", "--method", "none", "--checkpoint", evil, "--out", tmp_path / "o") == 2
     captured = capsys.readouterr()
-    assert "pwned" not in captured.out and "cannot read checkpoint" in captured.err
+    assert "pwned" not in captured.out and "holds objects other than tensors and plain data" in captured.err
+    assert captured.err.count("\n") == 1 and "weights_only=False" not in captured.err  # no unsafe advice
+
+
+def test_an_empty_image_folder_says_no_images_were_found(tmp_path, capsys):
+    for name in ("cats", "dogs"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "notes.txt").write_text("not an image")
+    assert run("bench", "--method", "none", "--dataset", "folder", "--data-root", tmp_path / "data",
+               "--out", tmp_path / "o", "--no-timing") == 2
+    err = capsys.readouterr().err
+    assert "no images found under" in err and "2 class folders" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_leaderboard_from_a_sweep(tmp_path, checkpoint, capsys):
@@ -108,3 +123,15 @@ def test_rows_are_valid_json_lines(tmp_path, checkpoint):
     run("bench", "--method", "none", "--checkpoint", checkpoint, "--out", tmp_path, "--no-timing")
     for line in (tmp_path / "results.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line), dict)
+
+
+def test_a_shared_knob_s_help_names_every_method_that_declares_it():
+    from tokenbench.cli.options import knob_owners
+
+    parser = argparse.ArgumentParser()
+    from tokenbench.cli import bench
+
+    bench_parser = bench.add_parser(parser.add_subparsers())
+    keep = next(a for a in bench_parser._actions if a.dest == "keep")
+    owners = [m for m, _ in knob_owners()["keep"]]
+    assert len(owners) >= 7 and keep.help.startswith(", ".join(owners) + ": ")

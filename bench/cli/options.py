@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tokenbench.reduce.registry import get_method, knob_by_name
+import re
+
+from tokenbench.reduce.registry import declared_methods, get_method, knob_by_name
 
 
 def add_model_options(p, default: str | None = "vit_digits", what: str = "the embedded vit_digits") -> None:
@@ -12,10 +14,26 @@ def add_model_options(p, default: str | None = "vit_digits", what: str = "the em
 
 
 def add_knob_options(p, many: bool, default_help: str) -> None:
-    """One option per knob name of every registered method (`--keep`, `--r`, `--sample-rate`, ...)."""
+    """One option per knob name of every registered method (`--keep`, `--r`, `--sample-rate`, ...); a knob
+    several methods declare names them all, with the help text most of them give."""
+    owners = knob_owners()
     for knob in knob_by_name().values():
+        texts = [k.help for _, k in owners[knob.name]]
+        text = max(set(texts), key=texts.count) if texts else knob.help
+        names = [m for m, _ in owners[knob.name]]
+        if len(names) > 1:  # every method that has it, not one method's name in the text
+            text = f"{', '.join(names)}: " + re.sub(r"^[\w-]+: ", "", text)
         p.add_argument(knob.flag, dest=knob.name, default=None, metavar="V[,V...]" if many else "V",
-                       help=f"{knob.help} ({default_help})")
+                       help=f"{text} ({default_help})")
+
+
+def knob_owners() -> dict[str, list]:
+    """{knob name: [(method, its Knob)]} over every registered method."""
+    out: dict[str, list] = {}
+    for name, cls in declared_methods().items():
+        for knob in cls.knobs:
+            out.setdefault(knob.name, []).append((name, knob))
+    return out
 
 
 def given_knobs(args) -> dict[str, str]:

@@ -159,6 +159,12 @@ def decode_all(files: ImageFiles, transform: Callable) -> tuple[ArrayImages, int
     return ArrayImages(np.stack(images), np.asarray(labels), transform), unreadable
 
 
+def no_images(name: str, folder: Path) -> BenchError:
+    classes = sum(p.is_dir() for p in folder.iterdir())
+    return BenchError(f"dataset {name!r}: no images found under {folder} ({classes} class folders, no file in them "
+                      f"ends in {', '.join(IMAGE_SUFFIXES)})")
+
+
 def missing_root(name: str, root, layout: str) -> BenchError:
     where = f"--data-root {root}" if root else "no --data-root given"
     return BenchError(f"dataset {name!r}: {where} does not hold the expected layout:\n{layout}")
@@ -314,7 +320,7 @@ def imagenet(split: str, transform: Callable, root: str | None = None) -> Datase
                              f"(e.g. {unlabelled[0]})")
         paths, labels = [str(p) for p in images], [known[p.name] for p in images]
     if not paths:
-        raise missing_root("imagenet", root, IMAGENET_LAYOUT)
+        raise no_images("imagenet", folder)
     return DatasetInfo(ImageFiles(paths, labels, transform), "imagenet", split, 1000)
 
 
@@ -335,7 +341,7 @@ def folder(split: str, transform: Callable, root: str | None = None) -> DatasetI
         raise missing_root("folder", root, FOLDER_LAYOUT)
     paths, labels = class_folder_items(base, {c: i for i, c in enumerate(classes)}, "folder")
     if not paths:
-        raise missing_root("folder", root, FOLDER_LAYOUT)
+        raise no_images("folder", base)
     return DatasetInfo(ImageFiles(paths, labels, transform), "folder", split, len(classes))
 
 

@@ -218,7 +218,7 @@ def exclusive(path: str | Path):
         os.close(fd)  # closing releases the lock
 
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when tokenbench runs from one
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (bench/measure/ is two below it), when run from one
 
 
 @lru_cache(maxsize=1)

@@ -93,6 +93,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unreadable_checkpoint(path: Path, err: Exception) -> str:
+    """What is wrong with a checkpoint torch could not load, without torch's advice to unpickle it anyway."""
+    text = str(err)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (f"checkpoint {path} holds objects other than tensors and plain data, which tokenbench does not "
+                "unpickle (it could run code); save the model's state_dict instead (torch.save(model.state_dict(), "
+                "path), or tokenbench.models.loading.save_checkpoint)")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({first})"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict, read without unpickling code."""
     path = Path(path)
@@ -101,7 +112,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise BenchError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise BenchError(unreadable_checkpoint(path, err)) from None
     if not isinstance(obj, dict):
         raise BenchError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -20,7 +20,14 @@ from tokenbench.reduce.contract import (
     TokenState,
 )
 from tokenbench.reduce.ledger import BlockCost, active_ledger
-from tokenbench.reduce.ops import apply_merge, apply_prune, follow_prune, gather_tokens, merge_attention_map
+from tokenbench.reduce.ops import (
+    apply_merge,
+    apply_prune,
+    check_decision,
+    follow_prune,
+    gather_tokens,
+    merge_attention_map,
+)
 
 
 class ReducibleBlock(nn.Module):
@@ -38,6 +45,9 @@ class ReducibleBlock(nn.Module):
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
+        if not isinstance(decision, Decision):
+            raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a Prune, Merge or Gate")
+        check_decision(decision, x, state, self.who())
         if isinstance(decision, Gate):
             self.account(decision, state, x.shape[-1], moved=False)
             state.mask = decision.gate > 0.5
@@ -46,10 +56,12 @@ class ReducibleBlock(nn.Module):
             x = apply_prune(x, state, decision)
         elif isinstance(decision, Merge):
             x = apply_merge(x, state, decision)
-        else:
-            raise TypeError(f"{type(self.reducer).__name__} returned {type(decision).__name__}, not a Decision")
         self.account(decision, state, x.shape[-1])
         return x
+
+    def who(self) -> str:
+        """The reducer, its method's module and this block, for errors about what it decided."""
+        return f"{type(self.reducer).__name__} ({type(self.reducer).__module__}) at block {self.index}"
 
     def account(self, decision: Decision, state: TokenState, width: int, moved: bool = True) -> None:
         """Charge what deciding cost (and a fused token's weighted sum over `width` channels) to the ledger;
@@ -144,7 +156,8 @@ class ReducibleBlock(nn.Module):
         """[B, K] token indices a QUERIES reducer keeps (prefix included); `state` follows them."""
         decision = self.reducer.decide(x, state, info)
         if not isinstance(decision, Prune) or decision.fuse_index is not None:
-            raise TypeError(f"{type(self.reducer).__name__} chooses queries: it must return a Prune without fusion")
+            raise BenchError(f"{self.who()} chooses queries: it must return a Prune without fusion")
+        check_decision(decision, x, state, self.who())
         index = follow_prune(state, decision)
         self.account(decision, state, x.shape[-1])
         return index

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.errors import BenchError
-from tokenbench.reduce.contract import Merge, Prune, TokenState
+from tokenbench.reduce.contract import Decision, Gate, Merge, Prune, TokenState
 
 
 def follow_prune(state: TokenState, decision: Prune) -> torch.Tensor:
@@ -139,3 +139,45 @@ def follow_tokens(state: TokenState, index: torch.Tensor, mask: torch.Tensor | N
         state.source = gather_tokens(state.source, index)
         if mask is not None:
             state.source = state.source * mask[..., None]
+
+
+def check_decision(decision: Decision, x: torch.Tensor, state: TokenState, who: str) -> None:
+    """A BenchError naming `who` (reducer and block) and the rule broken if `decision` cannot apply to the
+    [B, N, C] tokens `x`: shapes, integer indices and their ranges (one min/max per index tensor, not per
+    element; the ranges are not checked while torch.compile traces)."""
+    B, N = x.shape[:2]
+    n = N - state.prefix
+
+    def indices(name: str, t, high: int, cols: int | None = None, rows: int = B) -> None:
+        wrong_cols = cols is not None and isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[1] != cols
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != rows or wrong_cols:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            want = f"[{rows}, {cols if cols is not None else 'K'}]"
+            raise BenchError(f"{who}: {type(decision).__name__}.{name} must be {want} token indices, got {shape}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise BenchError(f"{who}: {type(decision).__name__}.{name} must hold integer indices, not {t.dtype}")
+        if t.numel() and not torch.compiler.is_compiling():
+            low, top = (int(v) for v in torch.stack([t.min(), t.max()]).tolist())
+            if low < 0 or top >= high:
+                raise BenchError(f"{who}: {type(decision).__name__}.{name} holds indices in [{low}, {top}], "
+                                 f"outside [0, {high}) ({N} tokens, {state.prefix} of them prefix)")
+
+    def per_token(name: str, t, cols: int) -> None:
+        if t is not None and (t.ndim != 2 or tuple(t.shape) != (B, cols)):
+            raise BenchError(f"{who}: {type(decision).__name__}.{name} must be [{B}, {cols}], got {tuple(t.shape)}")
+
+    if isinstance(decision, Prune):
+        indices("keep", decision.keep, n)
+        per_token("valid", decision.valid, decision.keep.shape[1])
+        if decision.fuse_index is not None:
+            indices("fuse_index", decision.fuse_index, n)
+            per_token("fuse_weight", decision.fuse_weight, decision.fuse_index.shape[1])
+    elif isinstance(decision, Merge):
+        indices("kept", decision.kept, N)
+        indices("merged", decision.merged, N)
+        indices("into", decision.into, decision.kept.shape[1], cols=decision.merged.shape[1])
+        for name in ("weight", "passed_size"):
+            per_token(name, getattr(decision, name), N)
+        per_token("dropped", decision.dropped, decision.merged.shape[1])
+    elif isinstance(decision, Gate):
+        per_token("gate", decision.gate, N)

@@ -44,6 +44,17 @@ HARNESS_OPTIONS = frozenset({
 })
 
 
+def checking_model(hook):
+    """`hook(self, model, ...)` that runs `self.check_model(model)` first."""
+    @functools.wraps(hook)
+    def checked(self, model, *args, **kwargs):
+        self.check_model(model)
+        return hook(self, model, *args, **kwargs)
+
+    checked.checks_model = True
+    return checked
+
+
 class Method:
     """Base class of a token-reduction method plugin."""
 
@@ -58,18 +69,14 @@ class Method:
     summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
-        """A subclass's own `build` checks the model first (`check_model`), wherever it is called from, so an
-        unsupported backbone gets the one-line reason before the method reads anything of it."""
+        """A subclass's own `build`, `attach` and `training_loss` check the model first (`check_model`),
+        wherever they are called from, so an unsupported backbone gets the one-line reason before the method
+        reads anything of it."""
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("build")
-        if own is not None and not getattr(own, "checks_model", False):
-            @functools.wraps(own)
-            def build(self, model, *args, **knobs):
-                self.check_model(model)
-                return own(self, model, *args, **knobs)
-
-            build.checks_model = True
-            cls.build = build
+        for hook in ("build", "attach", "training_loss"):
+            own = cls.__dict__.get(hook)
+            if own is not None and not getattr(own, "checks_model", False):
+                setattr(cls, hook, checking_model(own))
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a one-line BenchError, with the reason, if this method cannot run on `model`. The default

@@ -9,9 +9,9 @@ equivalent checks. Every other method must accept any timm ViT. A method that ca
 """
 
 import pytest
-import timm
 import torch
 
+from tokenbench.models.families import SUPPORTED, small_model
 from tokenbench.reduce.ledger import flop_counter_gmacs, measure_gmacs
 from tokenbench.reduce.registry import all_methods, get_method
 
@@ -38,22 +38,11 @@ def logits(model, x):
         return model(x)
 
 
-SMALL = dict(img_size=64, depth=8, embed_dim=48, num_heads=3)  # depth 8: reduction at blocks 2, 4, 6
-FAMILIES = {  # one small random-init configuration of each timm ViT family tokenbench supports
-    "deit_small_patch16_224": {}, "deit_small_distilled_patch16_224": {}, "deit3_small_patch16_224": {},
-    "vit_small_patch16_224": {}, "vit_base_patch16_clip_224": {}, "vit_base_patch16_clip_quickgelu_224": {},
-    "vit_small_patch14_dinov2": dict(img_size=56), "vit_small_patch14_reg4_dinov2": dict(img_size=56),
-    "vit_base_patch16_224": dict(global_pool="avg"),  # MAE-style: average pool with fc_norm
-    "vit_medium_patch16_gap_256": {},
-    "vit_base_patch16_siglip_224": {},  # attention-pool (MAP) head, no class token
-}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(SUPPORTED))
 def family_vit(request):
     """(model, images, timm's own logits) for one family."""
     torch.manual_seed(0)
-    model = timm.create_model(request.param, **{**SMALL, **FAMILIES[request.param]}).eval()
+    model = small_model(request.param)
     torch.manual_seed(1)
     images = torch.randn(2, 3, *model.patch_embed.img_size)
     return model, images, logits(model, images)

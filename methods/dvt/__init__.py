@@ -61,7 +61,8 @@ class DVT(Method):
         from .architecture import DVTCascade  # timm, only when a cascade is built (keeps `tokenbench methods` fast)
 
         if not isinstance(model, DVTCascade):
-            raise BenchError("dvt runs a trained cascade (e.g. --model dvt_digits), not a plain ViT")
+            raise BenchError("dvt runs and trains a cascade of its own (--model dvt_digits, dvt_deit_small), "
+                             "not a plain ViT")
 
     def build(self, model, cost=1.0, criterion="confidence", calibration=None, calibrated=None):
         if calibrated is None:
@@ -109,13 +110,8 @@ class DVT(Method):
         return {"exit_test_top1": [float(h) / total for h in torch.as_tensor(hits)]}
 
     def training_loss(self, model):
-        """The paper's loss: cross-entropy summed over all exits."""
+        """The paper's loss: cross-entropy summed over all exits (`check_model` has made sure it is a cascade)."""
         import torch.nn.functional as F
-
-        from .architecture import DVTCascade
-
-        if not isinstance(model, DVTCascade):
-            raise BenchError("dvt trains a cascade: pass --model dvt_digits (or dvt_deit_small)")
 
         def loss(m, images, labels, label_smoothing=0.0):
             return sum(F.cross_entropy(out, labels, label_smoothing=label_smoothing) for out in m.forward_exits(images))

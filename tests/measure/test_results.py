@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import subprocess
+from pathlib import Path
 
 from tokenbench.measure.results import ResultRow, append_result, cell_id, cpu_name, git_state, read_results
 
@@ -82,3 +83,13 @@ def test_git_state_records_no_commit_for_a_copy_inside_another_repository(tmp_pa
     (site / "pyproject.toml").write_text('[project]\nname = "tokenbench"\n')
     assert git_state.__wrapped__(site) == {"git_sha": None, "git_dirty": None}
     assert git_state.__wrapped__(tmp_path) == {"git_sha": None, "git_dirty": None}
+
+
+def test_rows_made_in_this_checkout_record_its_commit():
+    """The package finds its own checkout from its file's place (bench/measure/results.py, two below it)."""
+    from tokenbench.measure.results import PACKAGE_ROOT
+
+    root = Path(__file__).resolve().parents[2]
+    assert PACKAGE_ROOT == root
+    if (root / ".git").exists():
+        assert git_state.__wrapped__(root)["git_sha"]
