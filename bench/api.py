@@ -39,7 +39,7 @@ def load_model(name: str | None = None, checkpoint: str | None = None, pretraine
 def load_images(model: nn.Module, dataset: str = "digits", split: str = "test",
                 data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a dataset split through `model`'s eval preprocessing, decoded once: (images, labels)."""
-    return preload(datasets.build_dataset(dataset, split, datasets.eval_transform(model), data_root).dataset)
+    return datasets.load_split(model, dataset, split, data_root)
 
 
 def apply(model: nn.Module, method: str, calibration: tuple | None = None, **knobs) -> nn.Module:

@@ -126,7 +126,7 @@ def test_rows_are_valid_json_lines(tmp_path, checkpoint):
 
 
 def test_a_shared_knob_s_help_names_every_method_that_declares_it():
-    from tokenbench.cli.options import knob_owners
+    from tokenbench.reduce.registry import knob_owners
 
     parser = argparse.ArgumentParser()
     from tokenbench.cli import bench

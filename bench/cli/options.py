@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tokenbench.reduce.registry import declared_methods, get_method, knob_by_name
+from tokenbench.reduce.registry import get_method, knob_by_name, knob_owners
 
 
 def add_model_options(p, default: str | None = "vit_digits", what: str = "the embedded vit_digits") -> None:
@@ -25,15 +25,6 @@ def add_knob_options(p, many: bool, default_help: str) -> None:
             text = f"{', '.join(names)}: " + re.sub(r"^[\w-]+: ", "", text)
         p.add_argument(knob.flag, dest=knob.name, default=None, metavar="V[,V...]" if many else "V",
                        help=f"{text} ({default_help})")
-
-
-def knob_owners() -> dict[str, list]:
-    """{knob name: [(method, its Knob)]} over every registered method."""
-    out: dict[str, list] = {}
-    for name, cls in declared_methods().items():
-        for knob in cls.knobs:
-            out.setdefault(knob.name, []).append((name, knob))
-    return out
 
 
 def given_knobs(args) -> dict[str, str]:

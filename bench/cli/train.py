@@ -52,7 +52,8 @@ def method_options(args) -> dict:
         if owner == args.method:
             mine[dest] = getattr(args, dest)
         elif getattr(args, dest) != default:
-            raise BenchError(f"--{dest.replace('_', '-')} is an option of --method {owner}: use it with --method {owner}")
+            flag = f"--{dest.replace('_', '-')}"
+            raise BenchError(f"{flag} is an option of --method {owner}: use it with --method {owner}")
     return mine
 
 
@@ -190,9 +191,7 @@ def run(args):
         "torch": str(torch.__version__), "history": history,
     }
     if method is not None:
-        meta.update(trained_with=args.method, knobs=knobs, init=args.init)
-    if method is not None:
-        meta.update(method.training_record(model, test_loader))
+        meta.update(trained_with=args.method, knobs=knobs, init=args.init, **method.training_record(model, test_loader))
     models.save_checkpoint(args.out, model.cpu(), name, meta, model_kwargs)
     Path(state_file).unlink(missing_ok=True)  # the finished run needs no resume state
     print(f"test top-1 {test_top1:.4f}; wrote {args.out}")

@@ -67,3 +67,10 @@ def eval_transform(model: torch.nn.Module, protocol: str | None = None):
     if protocol is not None:
         raise BenchError("a video protocol applies to video models only")
     return create_transform(**resolve_data_config({}, model=model))
+
+
+def load_split(model: torch.nn.Module, dataset: str, split: str, root: str | None = None):
+    """Every image of a dataset split through `model`'s eval preprocessing, decoded once: (images, labels)."""
+    from tokenbench.data.images import preload
+
+    return preload(build_dataset(dataset, split, eval_transform(model), root).dataset)

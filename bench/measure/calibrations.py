@@ -69,11 +69,14 @@ def user_folder(method: str) -> Path:
     return cache_root() / "calibrations" / method
 
 
-def calibration_inputs(method: Method, model: nn.Module, calibration, knobs: dict) -> dict:
+def keyed(method: Method, model: nn.Module, calibration, knobs: dict) -> tuple[dict, dict, str]:
+    """(every knob, checked; the inputs a calibration depends on; their key)."""
+    knobs = method.check_knobs(knobs)
     images, labels = calibration
-    return {"method": method.name, "calibration_version": method.calibration_version, "knobs": knobs,
-            "weights_sha256": weights_digest(model), "data_sha256": tensor_digest([images, labels]),
-            "images": len(labels)}
+    inputs = {"method": method.name, "calibration_version": method.calibration_version, "knobs": knobs,
+              "weights_sha256": weights_digest(model), "data_sha256": tensor_digest([images, labels]),
+              "images": len(labels)}
+    return knobs, inputs, digest(inputs)[:20]
 
 
 def read_record(path: Path, key: str) -> dict | None:
@@ -108,9 +111,7 @@ def calibrated(method: Method, model: nn.Module, calibration, knobs: dict, *, re
     provenance = {"key", "source": "shipped" | "loaded" | "computed", "seconds"} goes into the results row.
     `origin` (model name, weights, dataset, split) is recorded in the file for people, not part of the key.
     """
-    knobs = method.check_knobs(knobs)
-    inputs = calibration_inputs(method, model, calibration, knobs)
-    key = digest(inputs)[:20]
+    knobs, inputs, key = keyed(method, model, calibration, knobs)
     user_path = user_folder(method.name) / f"{key}-{digest([key, environment()])[:12]}.json"
     if not recalibrate:
         for source, path in (("shipped", shipped_folder(method.name) / f"{key}.json"), ("loaded", user_path)):
@@ -133,9 +134,7 @@ def compute(method: Method, model: nn.Module, calibration, knobs: dict, inputs: 
 
 def ship(method: Method, model: nn.Module, calibration, knobs: dict, origin: dict) -> Path:
     """Compute a calibration afresh and write it among the shipped ones (`tokenbench calibrate --write-shipped`)."""
-    knobs = method.check_knobs(knobs)
-    inputs = calibration_inputs(method, model, calibration, knobs)
-    key = digest(inputs)[:20]
+    knobs, inputs, key = keyed(method, model, calibration, knobs)
     path = shipped_folder(method.name) / f"{key}.json"
     write_record(path, compute(method, model, calibration, knobs, inputs, key, origin))
     return path
@@ -158,8 +157,7 @@ def write_shipped(method_names: list[str], log=print) -> list[Path]:
     """Recompute and ship the calibrations of `method_names` for the default sweep on the embedded digits model
     (its val split), which the quick start's sweep and the regression snapshot use; a method trained with its
     own model (DVT) is calibrated on its shipped digits weights."""
-    from tokenbench.data import registry as datasets
-    from tokenbench.data.images import preload
+    from tokenbench.data.registry import load_split
     from tokenbench.models import loading as models
     from tokenbench.reduce.registry import get_method
 
@@ -169,7 +167,7 @@ def write_shipped(method_names: list[str], log=print) -> list[Path]:
         checkpoint = (method.checkpoint_for("vit_digits", "digits") if method.needs_training
                       else models.asset(models.EMBEDDED_WEIGHTS["vit_digits"]))
         loaded = models.load_model(checkpoint=checkpoint)
-        calibration = preload(datasets.build_dataset("digits", "val", datasets.eval_transform(loaded.model)).dataset)
+        calibration = load_split(loaded.model, "digits", "val")
         origin = {"model": loaded.name, "weights": loaded.weights, "dataset": "digits", "split": "val"}
         for point in method.sweep_points():
             torch.manual_seed(0)  # as the sweep and the snapshot do before building

@@ -45,7 +45,7 @@ class ReducibleBlock(nn.Module):
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
-        if not isinstance(decision, Decision):
+        if not isinstance(decision, (Prune, Merge, Gate)):
             raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a Prune, Merge or Gate")
         check_decision(decision, x, state, self.who())
         if isinstance(decision, Gate):

@@ -33,14 +33,14 @@ FAMILIES = ("none", "prune", "merge", "early-exit")
 # Options of the harness's commands. A knob becomes an option of `bench`, `profile`, `visualize` and
 # `train` under its own name, so it may not take one of these (tests/test_cli.py keeps the list complete).
 HARNESS_OPTIONS = frozenset({
-    "array_parallelism", "backbone", "baseline", "batch_size", "batch_sizes", "budget", "budgets", "cache_dir",
-    "cell", "checkpoint", "checkpoints", "cifar10_root", "cluster", "command", "compile", "count", "cpus_per_task",
-    "data_root", "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images", "init", "jobs",
-    "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot", "pretrained", "probe",
-    "protocol", "quick", "recalibrate", "recipe", "repeats", "results", "resume", "reuse", "rounds", "run", "seed",
-    "shard", "slurm_account",
-    "slurm_partition", "snapshot", "split", "strict", "submitit", "submitit_folder", "threads", "timeout_min",
-    "tolerance", "update", "warmup", "warmup_epochs", "what", "workers", "write_shipped", "action",
+    "action", "array_parallelism", "backbone", "baseline", "batch_size", "batch_sizes", "budget", "budgets",
+    "cache_dir", "cell", "checkpoint", "checkpoints", "cifar10_root", "cluster", "command", "compile", "count",
+    "cpus_per_task", "data_root", "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images",
+    "init", "jobs", "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot",
+    "pretrained", "probe", "protocol", "quick", "recalibrate", "recipe", "repeats", "results", "resume", "reuse",
+    "rounds", "run", "seed", "shard", "slurm_account", "slurm_partition", "snapshot", "split", "strict", "submitit",
+    "submitit_folder", "threads", "timeout_min", "tolerance", "update", "warmup", "warmup_epochs", "what", "workers",
+    "write_shipped",
 })
 
 
@@ -119,6 +119,17 @@ class Method:
     def training_record(self, model: nn.Module, loader) -> dict:
         """What the trained checkpoint records beyond its test top-1 (DVT: every exit's test top-1)."""
         return {}
+
+    def with_fresh_parts(self, model: nn.Module) -> nn.Module:
+        """`model`, or for a method that trains parts of its own (DynamicViT's predictors) a copy given fresh,
+        seeded ones by `training_loss`, so that its compute runs without trained weights."""
+        if not self.needs_training:
+            return model
+        import copy
+
+        model = copy.deepcopy(model)
+        self.training_loss(model)
+        return model
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Add the method's learned modules to `model` (DynamicViT's predictors), so its checkpoints load."""
@@ -303,13 +314,18 @@ def resolve_methods(spec: str) -> list[str]:
     return names
 
 
-def knob_by_name() -> dict[str, Knob]:
-    """Every knob name used by a registered method (first definition wins for the help text)."""
-    out: dict[str, Knob] = {}
-    for cls in declared_methods().values():
+def knob_owners() -> dict[str, list[tuple[str, Knob]]]:
+    """{knob name: [(method, its Knob), ...]} over every registered method, in method order."""
+    out: dict[str, list] = {}
+    for name, cls in declared_methods().items():
         for knob in cls.knobs:
-            out.setdefault(knob.name, knob)
+            out.setdefault(knob.name, []).append((name, knob))
     return out
+
+
+def knob_by_name() -> dict[str, Knob]:
+    """Every knob name used by a registered method, with its first definition."""
+    return {name: owners[0][1] for name, owners in knob_owners().items()}
 
 
 def knob_overrides(methods: list[str], given: dict) -> dict[str, tuple]:

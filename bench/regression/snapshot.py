@@ -22,7 +22,6 @@ Two parts, both covering every registered method automatically:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 import torch.nn as nn
 
 from tokenbench.data import registry as datasets
-from tokenbench.data.images import preload
 from tokenbench.errors import BenchError
 from tokenbench.measure import calibrations
 from tokenbench.models import loading as models
@@ -92,10 +90,7 @@ def snapshot_entry(method: Method, backbone: nn.Module, images: torch.Tensor, kn
     """
     torch.manual_seed(SEED)
     try:
-        if method.needs_training:
-            backbone = copy.deepcopy(backbone)
-            method.training_loss(backbone)
-        model = method.build(backbone, **knobs).eval()
+        model = method.build(method.with_fresh_parts(backbone), **knobs).eval()
     except BenchError as err:  # the method does not apply to this model (recorded, so a change shows)
         return {"error": str(err)}
     return entry_of(model, images)
@@ -126,9 +121,8 @@ def calibrated_inputs(method: Method, model_name: str, batch: int):
     if checkpoint is None:
         return {"error": f"{method.name} ships no weights for {model_name} on {CALIBRATION_DATASET}"}
     model = models.load_model(checkpoint=checkpoint).model
-    transform = datasets.eval_transform(model)
-    calibration = preload(datasets.build_dataset(CALIBRATION_DATASET, "val", transform).dataset)
-    images, _ = preload(datasets.build_dataset(CALIBRATION_DATASET, "test", transform).dataset)
+    calibration = datasets.load_split(model, CALIBRATION_DATASET, "val")
+    images, _ = datasets.load_split(model, CALIBRATION_DATASET, "test")
     return model, calibration, images[:batch]
 
 

@@ -8,8 +8,6 @@ test regenerates it, so the table cannot drift from the code.
 
 from __future__ import annotations
 
-import copy
-
 import pandas as pd
 import torch
 
@@ -23,9 +21,7 @@ def cell(method, model: torch.nn.Module, images: torch.Tensor) -> str:
     knobs = method.sweep_points()[len(method.sweep_points()) // 2]
     torch.manual_seed(0)
     try:
-        if method.needs_training:  # fresh trainable parts, as the regression snapshot gives them
-            model = copy.deepcopy(model)
-            method.training_loss(model)
+        model = method.with_fresh_parts(model)
         labels = torch.zeros(len(images), dtype=torch.long)
         extra = {"calibration": (images, labels)} if method.needs_calibration else {}
         with torch.inference_mode():

@@ -19,7 +19,7 @@ import torch
 
 from tokenbench.data import registry as datasets
 from tokenbench.data import store as cache
-from tokenbench.data.images import SPLITS, preload
+from tokenbench.data.images import SPLITS
 from tokenbench.errors import BenchError
 from tokenbench.measure import budget as budgets
 from tokenbench.measure import calibrations
@@ -191,8 +191,7 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
             if split == "val":
                 raise BenchError("--budget and methods that calibrate on the val split (dvt) must be measured on "
                                  "another split")
-            calibration = preload(datasets.build_dataset(dataset, "val", datasets.eval_transform(backbone.model),
-                                                         data_root).dataset)
+            calibration = datasets.load_split(backbone.model, dataset, "val", data_root)
         env = results.provenance(chosen_device, seed)
         dense = budgets.dense_gmacs(backbone.model, calibration[0]) if budget is not None else None
         plan = plan_cells(method_objects, backbone, model, dataset, checkpoint, overrides, budget, calibration, dense,
