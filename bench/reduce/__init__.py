@@ -1,7 +1,7 @@
 """The engine, and the method author's surface: everything a method may import, and nothing more.
 
-A method decides (`Prune`, `Merge`, `Gate`) in a `TokenReducer`; the engine (`attention`, `block`, `ops`, `vit`)
-applies the decision once for every method and keeps the FLOP ledger (`ledger`) and the traces. `Method`,
+A method decides (`Prune`, `Merge`, `Propagate`, `Gate`) in a `TokenReducer`; the engine (`attention`, `block`,
+`ops`, `vit`) applies the decision once for every method and keeps the FLOP ledger (`ledger`) and the traces. `Method`,
 `Knob` and `register_method` (`registry`) make a method known to the harness. The names below are the
 whole surface (docs/writing-a-method.md documents them; a test holds every built-in method to them). They
 load on first use, so that `import tokenbench.reduce.registry` (the command line's start) costs no torch.
@@ -10,7 +10,8 @@ load on first use, so that `import tokenbench.reduce.registry` (the command line
 import importlib
 
 SURFACE = {
-    "contract": ["AttentionInfo", "Decision", "Gate", "Merge", "Need", "Position", "Prune", "TokenReducer", "TokenState"],
+    "contract": ["AttentionInfo", "Decision", "Gate", "Merge", "Need", "Position", "Propagate", "Prune", "TokenReducer",
+                 "TokenState"],
     "vit": ["TokenReducedViT", "classify"],
     "schedules": ["KeepRateReducer", "default_reduction_blocks", "keep_count", "reduction_stages", "stage_counts"],
     "ops": ["gather_tokens", "with_prefix"],

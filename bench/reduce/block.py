@@ -15,6 +15,7 @@ from tokenbench.reduce.contract import (
     Merge,
     Need,
     Position,
+    Propagate,
     Prune,
     TokenReducer,
     TokenState,
@@ -22,6 +23,7 @@ from tokenbench.reduce.contract import (
 from tokenbench.reduce.ledger import BlockCost, active_ledger
 from tokenbench.reduce.ops import (
     apply_merge,
+    apply_propagate,
     apply_prune,
     check_decision,
     follow_prune,
@@ -45,8 +47,8 @@ class ReducibleBlock(nn.Module):
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
-        if not isinstance(decision, (Prune, Merge, Gate)):
-            raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a Prune, Merge or Gate")
+        if not isinstance(decision, (Prune, Merge, Propagate, Gate)):
+            raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a Prune, Merge, Propagate or Gate")
         check_decision(decision, x, state, self.who())
         if isinstance(decision, Gate):
             self.account(decision, state, x.shape[-1], moved=False)
@@ -56,6 +58,8 @@ class ReducibleBlock(nn.Module):
             x = apply_prune(x, state, decision)
         elif isinstance(decision, Merge):
             x = apply_merge(x, state, decision)
+        elif isinstance(decision, Propagate):
+            x = apply_propagate(x, state, decision)
         self.account(decision, state, x.shape[-1])
         return x
 
@@ -71,6 +75,8 @@ class ReducibleBlock(nn.Module):
             ledger.add(decision.macs, decision.norm_macs)
             if isinstance(decision, Prune) and decision.fuse_index is not None:
                 ledger.add(decision.fuse_index.shape[1] * width)
+            if isinstance(decision, Propagate):  # the weighted sums of the donors, features and sizes
+                ledger.add(decision.weight.shape[1] * decision.weight.shape[2] * (width + 1))
         if moved and state.source is not None:
             state.stages.append((self.index, state.source))
 

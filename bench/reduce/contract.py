@@ -127,6 +127,22 @@ class Merge(Decision):
 
 
 @dataclass(kw_only=True)
+class Propagate(Decision):
+    """Keep the prefix tokens and the patch tokens at `keep` ([B, K] indices among the patch tokens), each plus
+    a weighted sum of the patch tokens at `donors` ([B, M] indices): token k becomes
+    x[keep[k]] + weight[k] @ x[donors] (`weight` [B, K, M], GTP's propagation over a token graph). With `keep`
+    None the output patch tokens are `weight @ x[donors]` alone, K new tokens (DCT's low-pass).
+
+    Sizes follow the same sums. The trace keeps each kept token's own patches (a donor's patches spread
+    over several tokens are held by none); new tokens (`keep` None) hold no patch.
+    """
+
+    keep: torch.Tensor | None
+    donors: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass(kw_only=True)
 class Gate(Decision):
     """Training only: scale every token by `gate` ([B, N] in [0, 1]) and mask those below 0.5 out of attention."""
 
@@ -144,6 +160,10 @@ class TokenReducer(nn.Module):
 
     needs: Need = Need.NOTHING
     position: Position = Position.AFTER_ATTENTION
+
+    def begin(self, x: torch.Tensor, state: TokenState) -> None:
+        """Called once per forward with the embedded tokens, before block 0: a reducer that carries per-image
+        state across blocks (GTP's token graph) sets it up here. The default does nothing."""
 
     def decide(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> Decision | None:
         raise NotImplementedError

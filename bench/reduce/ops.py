@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenbench.errors import BenchError
-from tokenbench.reduce.contract import Decision, Gate, Merge, Prune, TokenState
+from tokenbench.reduce.contract import Decision, Gate, Merge, Propagate, Prune, TokenState
 
 
 def follow_prune(state: TokenState, decision: Prune) -> torch.Tensor:
@@ -89,6 +89,27 @@ def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Te
     if decision.dropped is not None:  # images that only prune: their kept tokens exactly as they were
         out = torch.where(decision.dropped.all(dim=1)[:, None, None], gather_tokens(x, decision.kept), out)
     return out
+
+
+def apply_propagate(x: torch.Tensor, state: TokenState, decision: Propagate) -> torch.Tensor:
+    """The prefix tokens, then each kept patch token plus its weighted sum of donors (or the sums alone)."""
+    if state.mask is not None:
+        raise BenchError("propagating tokens of images that keep different numbers of tokens is not supported")
+    p, keep = state.prefix, decision.keep
+    donors = decision.donors + p
+    weight = decision.weight.to(x.dtype)
+    out = weight @ gather_tokens(x, donors)
+    size = torch.ones_like(x[..., :1]) if state.size is None else state.size
+    new_size = weight.to(size.dtype) @ gather_tokens(size, donors)
+    if keep is not None:
+        out = gather_tokens(x, keep + p) + out
+        new_size = gather_tokens(size, keep + p) + new_size
+    state.size = torch.cat([size[:, :p], new_size], dim=1)
+    if state.source is not None:
+        kept = state.source.new_zeros(weight.shape[0], weight.shape[1], state.source.shape[2]) if keep is None \
+            else gather_tokens(state.source, keep + p)
+        state.source = torch.cat([state.source[:, :p], kept], dim=1)
+    return torch.cat([x[:, :p], out], dim=1)
 
 
 def merge_attention_map(weights: torch.Tensor, decision: Merge) -> torch.Tensor:
@@ -179,5 +200,15 @@ def check_decision(decision: Decision, x: torch.Tensor, state: TokenState, who: 
         for name in ("weight", "passed_size"):
             per_token(name, getattr(decision, name), N)
         per_token("dropped", decision.dropped, decision.merged.shape[1])
+    elif isinstance(decision, Propagate):
+        indices("donors", decision.donors, n)
+        rows = decision.weight.shape[1] if decision.weight.ndim == 3 else -1
+        if decision.keep is not None:
+            indices("keep", decision.keep, n)
+            rows = decision.keep.shape[1]
+        want = (B, rows, decision.donors.shape[1])
+        if decision.weight.ndim != 3 or tuple(decision.weight.shape) != want or not decision.weight.is_floating_point():
+            raise BenchError(f"{who}: Propagate.weight must be [{B}, K, {want[2]}] floating-point weights (K kept "
+                             f"tokens), got {tuple(decision.weight.shape)} {decision.weight.dtype}")
     elif isinstance(decision, Gate):
         per_token("gate", decision.gate, N)

@@ -13,9 +13,9 @@ import textwrap
 import tokenbench.reduce as surface
 
 ORDER = ["Method", "Knob", "keep_rate_knob", "register_method", "TokenReducedViT", "TokenReducer", "Need", "Position",
-         "TokenState", "AttentionInfo", "Decision", "Prune", "Merge", "Gate", "KeepRateReducer", "keep_count",
-         "stage_counts", "default_reduction_blocks", "reduction_stages", "gather_tokens", "with_prefix", "run_attention",
-         "mean_attention_received", "classify", "active_ledger", "CostLedger", "BlockCost", "embed_macs",
+         "TokenState", "AttentionInfo", "Decision", "Prune", "Merge", "Propagate", "Gate", "KeepRateReducer",
+         "keep_count", "stage_counts", "default_reduction_blocks", "reduction_stages", "gather_tokens", "with_prefix",
+         "run_attention", "mean_attention_received", "classify", "active_ledger", "CostLedger", "BlockCost", "embed_macs",
          "linear_macs_per_token", "norm_macs_per_token", "BenchError"]
 
 

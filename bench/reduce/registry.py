@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 ENTRY_POINT_GROUP = "tokenbench.methods"
-FAMILIES = ("none", "prune", "merge", "early-exit")
+FAMILIES = ("none", "prune", "merge", "early-exit", "resolution")
 
 # Options of the harness's commands. A knob becomes an option of `bench`, `profile`, `visualize` and
 # `train` under its own name, so it may not take one of these (tests/test_cli.py keeps the list complete).

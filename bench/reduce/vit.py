@@ -123,6 +123,8 @@ class TokenReducedViT(nn.Module):
             patches = x.shape[1] - state.prefix
             eye = torch.eye(patches, device=x.device)
             state.source = torch.cat([x.new_zeros(state.prefix, patches), eye]).expand(x.shape[0], -1, -1)
+        for reducer in dict.fromkeys(b.reducer for b in self.blocks if b.reducer is not None):
+            reducer.begin(x, state)
         for blk in self.blocks:
             x = blk(x, state)
         x = vit.norm(x)
