@@ -105,18 +105,24 @@ def delta_text(row, base, decimals: int) -> str:
     return f"{delta:+.{decimals}f} ({low:+.{decimals}f}, {high:+.{decimals}f})"
 
 
+BASELINES = ("random", "topk", "downsample")  # what every method must beat; random and downsample drawn as dashed lines
+REFERENCE_LINES = ("random", "downsample")
+
+
 def better_than(g: pd.DataFrame, alpha: float = 0.05) -> pd.Series:
-    """At each matched budget: the baselines (random, topk) each method beats on the same images by an exact
-    McNemar test, Holm-corrected over the methods compared with that baseline at that budget."""
+    """At each matched budget: the baselines (random, topk, downsample) each method beats on the same images by an exact
+    McNemar test, Holm-corrected over the methods compared with that baseline at that budget. A baseline that
+    spent under 95% of a method's GMACs (downsample's coarse grid of resolutions) is not compared with it."""
     marks = pd.Series("", index=g.index)
     for _, rows in g[g["budget"].notna()].groupby("budget"):
-        for baseline in ("random", "topk"):
+        for baseline in BASELINES:
             reference = rows[rows["method"] == baseline]
             if reference.empty:
                 continue
             ref = reference.iloc[-1]
             others = [(i, row) for i, row in rows.iterrows()
-                      if row["method"] not in ("none", baseline) and paired(row, ref)]
+                      if row["method"] not in ("none", baseline) and paired(row, ref)
+                      and ref["gmacs"] >= 0.95 * row["gmacs"]]
             pvalues = holm([mcnemar(outcomes(row), outcomes(ref)) for _, row in others])
             for (i, row), p in zip(others, pvalues):
                 if p < alpha and row["top1"] > ref["top1"]:
@@ -212,7 +218,8 @@ def hover_text(row, decimals: int, unit: str) -> str:
 
 def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> list[tuple[Path, str]]:
     """Accuracy against GMACs and against throughput (log axis, IQR bars): every point labelled with its knobs,
-    95% bars on accuracy, the dense reference line, and the Pareto front of the backbone's weights (methods
+    95% bars on accuracy, the dense reference line, the baselines drawn dashed (random, downsample: the model at a
+    lower resolution), and the Pareto front of the backbone's weights (methods
     on their own trained weights drawn hollow). Each plot is written as PNG and returned with its SVG text,
     in which every point carries a hover title."""
     import io
@@ -238,12 +245,14 @@ def plot_group(g: pd.DataFrame, title: str, path_stem: Path, style: dict) -> lis
         for (method, weights), rows in data[data["method"] != "none"].groupby(["method", "weights"], sort=True):
             colour, marker = style[method]
             own = weights != shared
+            reference = method in REFERENCE_LINES
             ci = np.array([accuracy_interval(r) for _, r in rows.iterrows()])
             yerr = np.abs(ci - rows["top1_pct"].to_numpy()[:, None]).T
             xerr = rows[spread].to_numpy() / 2 if spread else None
             ax.errorbar(rows[cost], rows["top1_pct"], yerr=yerr, xerr=xerr, color=colour, marker=marker,
                         markerfacecolor="white" if own else colour, linewidth=1.2, markersize=6, capsize=2,
-                        elinewidth=0.8, label=f"{method} (own weights)" if own else method)
+                        elinewidth=0.8, linestyle="--" if reference else "-",
+                        label=f"{method} (own weights)" if own else f"{method} (reference)" if reference else method)
             for text, (_, r) in zip(varying_labels(rows), rows.iterrows()):
                 ax.annotate(text, (r[cost], r["top1_pct"]), textcoords="offset points", xytext=(3, 3),
                             fontsize=6, color=colour)
@@ -300,7 +309,7 @@ def build_board(results_dir: Path, out_dir: Path) -> Board:
              "rounded to what the image count supports; Δ top-1 is against the dense model, with the paired "
              "bootstrap 95% interval over the same images (10,000 resamples): an interval that excludes 0 is a "
              "difference beyond sampling noise. At a matched budget, `better than` names the baselines "
-             "(random, top-k) a method beats on the same images by an exact McNemar test, Holm-corrected.")
+             "(random, top-k, downsample) a method beats on the same images by an exact McNemar test, Holm-corrected.")
     sections = []
     for (dataset, device, dtype, batch, compile), setting in df.groupby(SETTING, sort=True, dropna=False):
         mode = " · compiled" if compile else ""

@@ -178,3 +178,21 @@ def test_pretrained_tag_loads_offline_from_the_hugging_face_cache(tmp_path, monk
     assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
     with pytest.raises(BenchError, match="offline"):
         load_model("test_vit.r160_in1k.nonexistent_tag", pretrained=True)
+
+
+@pytest.mark.slow
+def test_the_imagenet_val_board_runs_end_to_end_on_random_weights(tmp_path, imagenet_sample):
+    """The documented ImageNet-val board (docs/datasets-and-scale.md), on a random-init DeiT-Tiny for its
+    plumbing: 30 real images keep their canonical 1,000-class labels, every method's row is written, and the
+    board is built and names the weights as random."""
+    out = tmp_path / "imagenet-val"
+    args = ["bench", "--method", "none,topk,random,tome", "--model", "deit_tiny_patch16_224", "--dataset",
+            "imagenet", "--data-root", str(imagenet_sample), "--split", "val", "--out", str(out), "--no-timing"]
+    assert main(args) == 0
+    rows = read_results(out / "results.jsonl")
+    assert sorted({r.method for r in rows}) == ["none", "random", "tome", "topk"]
+    assert all(r.n_images == 30 and r.dataset == "imagenet" and r.split == "val" for r in rows)
+    assert all(r.weights.startswith("random-init") for r in rows), rows[0].weights
+    assert main(["leaderboard", "--results", str(out)]) == 0
+    board = (out / "leaderboard.md").read_text()
+    assert "imagenet · deit_tiny_patch16_224" in board and "| tome " in board
