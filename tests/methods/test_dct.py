@@ -55,3 +55,11 @@ def test_deit_small_schedule():
     """r = 13 after every block's MLP: 196, 183, ..., 40 patch tokens (plus the class token) enter blocks 0-11."""
     ledger = measure_gmacs(get_method("dct").build(deit_small(), r=13), torch.randn(1, 3, 224, 224))
     assert ledger.tokens_per_block()[0].tolist() == [197 - 13 * i for i in range(12)]
+
+
+def test_the_trace_gives_the_new_tokens_no_patch():
+    """After a low-pass the tokens are mixtures of every patch: the trace holds none of them."""
+    vit = small_vit("deit_small_patch16_224", depth=2)
+    stages = get_method("dct").build(vit, r=4).trace(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert [source.shape[1] for _, source in stages] == [13, 9]
+    assert all(source.sum() == 0 for _, source in stages)

@@ -78,3 +78,13 @@ def test_deit_small_schedule():
     """r = 8 (the README's DeiT-B row 8): 196, 188, ..., 108 patch tokens enter blocks 0-11."""
     ledger = measure_gmacs(get_method("gtp").build(deit_small(), r=8), torch.randn(1, 3, 224, 224))
     assert ledger.tokens_per_block()[0].tolist() == [197 - 8 * i for i in range(12)]
+
+
+def test_the_trace_keeps_each_kept_token_s_own_patch():
+    """A propagated patch spreads over several neighbours, so it is held by none; each kept token holds its own.
+    16 patches, r = 2 in each of 12 blocks: r is capped so that one patch token remains."""
+    vit = small_vit("deit_small_patch16_224")
+    stages = get_method("gtp").build(vit, r=2).trace(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert [source.shape[1] for _, source in stages] == [15, 13, 11, 9, 7, 5, 3, 2]  # at least one patch stays
+    for _, source in stages:
+        assert ((source > 0).sum(dim=2)[0, 1:] == 1).all() and ((source > 0).sum(dim=1) <= 1).all()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenbench.cli import main
-from tokenbench.reduce import BenchError, Merge, Prune, TokenReducedViT, TokenReducer
+from tokenbench.reduce import BenchError, Merge, Propagate, Prune, TokenReducedViT, TokenReducer
 
 
 class Returns(TokenReducer):
@@ -29,7 +29,14 @@ BAD = {
         lambda x, s: Merge(kept=torch.arange(60).expand(x.shape[0], -1), merged=torch.arange(60, 65).expand(x.shape[0], -1),
                            into=torch.full((x.shape[0], 5), 60)),
         "Merge.into holds indices in [60, 60], outside [0, 60)"),
-    "not a decision": (lambda x, s: torch.arange(3), "returned Tensor, not a Prune, Merge or Gate"),
+    "propagation weights of the wrong shape": (
+        lambda x, s: Propagate(keep=torch.arange(50).expand(x.shape[0], -1), donors=torch.arange(50, 64).expand(x.shape[0], -1),
+                               weight=torch.zeros(x.shape[0], 50, 13)),
+        "Propagate.weight must be [2, K, 14] floating-point weights (K kept tokens), got (2, 50, 13)"),
+    "a donor beyond the patch tokens": (
+        lambda x, s: Propagate(keep=None, donors=torch.full((x.shape[0], 3), 64), weight=torch.zeros(x.shape[0], 2, 3)),
+        "Propagate.donors holds indices in [64, 64], outside [0, 64)"),
+    "not a decision": (lambda x, s: torch.arange(3), "returned Tensor, not a Prune, Merge, Propagate or Gate"),
 }
 
 
