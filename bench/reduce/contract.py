@@ -1,5 +1,5 @@
 """The method author's contract: what a reducer may ask for (`Need`), where it runs (`Position`), the token
-state it reads, and the decisions it returns (`Prune`, `Merge`, `Gate`); the engine applies them."""
+state it reads, and the decisions it returns (`Prune`, `Merge`, `Propagate`, `Gate`); the engine applies them."""
 
 from __future__ import annotations
 
