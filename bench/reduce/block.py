@@ -31,6 +31,8 @@ from tokenbench.reduce.ops import (
     merge_attention_map,
 )
 
+APPLIED = (Prune, Merge, Propagate, Gate)  # the decisions the engine applies
+
 
 class ReducibleBlock(nn.Module):
     """A timm `Block` run with token state and an optional reducer, whose decision it applies."""
@@ -47,8 +49,9 @@ class ReducibleBlock(nn.Module):
         """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
         if decision is None:
             return x
-        if not isinstance(decision, (Prune, Merge, Propagate, Gate)):
-            raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a Prune, Merge, Propagate or Gate")
+        if not isinstance(decision, APPLIED):
+            kinds = ", ".join(kind.__name__ for kind in APPLIED[:-1]) + f" or {APPLIED[-1].__name__}"
+            raise BenchError(f"{self.who()} returned {type(decision).__name__}, not a {kinds}")
         check_decision(decision, x, state, self.who())
         if isinstance(decision, Gate):
             self.account(decision, state, x.shape[-1], moved=False)

@@ -202,13 +202,13 @@ def check_decision(decision: Decision, x: torch.Tensor, state: TokenState, who: 
         per_token("dropped", decision.dropped, decision.merged.shape[1])
     elif isinstance(decision, Propagate):
         indices("donors", decision.donors, n)
-        rows = decision.weight.shape[1] if decision.weight.ndim == 3 else -1
         if decision.keep is not None:
             indices("keep", decision.keep, n)
-            rows = decision.keep.shape[1]
-        want = (B, rows, decision.donors.shape[1])
-        if decision.weight.ndim != 3 or tuple(decision.weight.shape) != want or not decision.weight.is_floating_point():
-            raise BenchError(f"{who}: Propagate.weight must be [{B}, K, {want[2]}] floating-point weights (K kept "
-                             f"tokens), got {tuple(decision.weight.shape)} {decision.weight.dtype}")
+        weight, m = decision.weight, decision.donors.shape[1]
+        rows_ok = decision.keep is None or weight.shape[1] == decision.keep.shape[1]
+        if weight.ndim != 3 or weight.shape[0] != B or weight.shape[2] != m or not rows_ok \
+                or not weight.is_floating_point():
+            raise BenchError(f"{who}: Propagate.weight must be [{B}, K, {m}] floating-point weights (K kept "
+                             f"tokens), got {tuple(weight.shape)} {weight.dtype}")
     elif isinstance(decision, Gate):
         per_token("gate", decision.gate, N)

@@ -105,8 +105,8 @@ def delta_text(row, base, decimals: int) -> str:
     return f"{delta:+.{decimals}f} ({low:+.{decimals}f}, {high:+.{decimals}f})"
 
 
-BASELINES = ("random", "topk", "downsample")  # what every method must beat; random and downsample drawn as dashed lines
-REFERENCE_LINES = ("random", "downsample")
+BASELINES = ("random", "topk", "downsample")  # what every method must beat (the McNemar column)
+REFERENCE_LINES = ("random", "downsample")  # baselines drawn dashed on every plot
 
 
 def better_than(g: pd.DataFrame, alpha: float = 0.05) -> pd.Series:

@@ -110,3 +110,20 @@ def test_a_separately_trained_model_never_takes_the_backbone_s_front():
         "gmacs": [0.097, 0.033, 0.022, 0.050, 0.030, 0.011],
     })
     assert fronts(g, "gmacs").tolist() == ["★", "★", "★", "", "☆", "☆"]
+
+
+def test_a_baseline_that_spent_much_less_is_not_a_method_s_to_beat():
+    """downsample's resolutions come in whole patches: at a budget it may spend far less. A method is credited
+    with beating a baseline only if that baseline spent at least 95% of the method's GMACs."""
+    import pandas as pd
+
+    from tokenbench.report.leaderboard import better_than
+
+    n = 200
+    half, every = np.arange(n) % 2 == 0, np.ones(n, bool)
+    spec = [("none", 1.0, every), ("random", 0.49, half), ("downsample", 0.37, half), ("tome", 0.44, every),
+            ("mctf", 0.38, every)]
+    g = pd.DataFrame([{"method": m, "gmacs": gmacs, "budget": 0.5, "n_images": n, "image_key": "k",
+                       "top1": right.mean(), **outcome_fields(right, np.zeros(n))} for m, gmacs, right in spec])
+    # tome spent 0.44: downsample's 0.37 is under 95% of it; mctf spent 0.38, which 0.37 is not
+    assert better_than(g).tolist() == ["", "", "", "random", "random, downsample"]
