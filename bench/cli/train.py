@@ -166,7 +166,7 @@ def run(args):
     fields = {k: v for k, v in recipe.items() if k not in ("augment", "drop_path")}
     cfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                warmup_epochs=args.warmup_epochs, probes=probe_functions(args.probe or [], val_loader),
-                               **fields)
+                               optimizer=method.training_optimizer if method else "adamw", **fields)
     loss_fn = None if loss is None else (lambda m, x, y: loss(m, x, y, cfg.label_smoothing))
     identity = {k: v for k, v in vars(args).items()  # the settings that decide the weights
                 if k not in ("resume", "threads", "device", "probe") and isinstance(v, (str, int, float, type(None)))}

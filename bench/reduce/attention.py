@@ -26,6 +26,7 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None
 
 
 CLS_SUBSTITUTE = "mean attention received"
+EXPLICIT = Need.LOGITS | Need.PLAIN_WEIGHTS | Need.WEIGHTS  # needs that only the written-out attention can meet
 
 
 def substitutes_cls(needs: Need, state: TokenState | None) -> bool:
@@ -35,8 +36,16 @@ def substitutes_cls(needs: Need, state: TokenState | None) -> bool:
 
 def separate_cls_row(attn: nn.Module, needs: Need, selecting: bool, state: TokenState | None = None) -> bool:
     """Whether `run_attention` computes the class token's attention as its own q_cls K^T row."""
-    return (Need.CLS_ATTN in needs and not substitutes_cls(needs, state)
-            and (selecting or (attn.fused_attn and Need.LOGITS not in needs)))
+    gated = state is not None and state.key_gate is not None
+    return (Need.CLS_ATTN in needs and not substitutes_cls(needs, state) and not gated
+            and (selecting or (attn.fused_attn and not needs & (Need.LOGITS | Need.WEIGHTS))))
+
+
+def gated_softmax(logits: torch.Tensor, gate: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Softmax over keys with each key's exponentiated logit multiplied by its gate ([B, N], differentiable), then
+    (w + eps / N) / (sum + eps) as LTMP's and DynamicViT's official training do, so a fully gated row stays finite."""
+    w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * gate[:, None, None, :].to(logits.dtype)
+    return (w + eps / w.shape[-1]) / (w.sum(dim=-1, keepdim=True) + eps)
 
 
 def mean_attention_received(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +133,8 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
         if weights is not None:
             rows = query_index[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1])
             logits, weights = logits.gather(2, rows), weights.gather(2, rows)
-    if weights is None and attn.fused_attn and not needs & (Need.LOGITS | Need.PLAIN_WEIGHTS):
+    gate = None if state is None else state.key_gate
+    if weights is None and attn.fused_attn and gate is None and not needs & EXPLICIT:
         note_kernel(q, k, v, bias)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -135,11 +145,12 @@ def run_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, n
                 info.plain_weights = logits.softmax(dim=-1)
             if bias is not None:
                 logits = logits + bias
-            weights = attn.attn_drop(logits.softmax(dim=-1))
+            weights = logits.softmax(dim=-1) if gate is None else gated_softmax(logits, gate)
             if Need.CLS_ATTN in needs and not separate:
                 info.cls_attn = weights[:, :, 0]
-        else:
-            weights = attn.attn_drop(weights)
+        if Need.WEIGHTS in needs:
+            info.weights = weights
+        weights = attn.attn_drop(weights)
         note_kernel()
         out = weights @ v
         info.logits = logits if Need.LOGITS in needs else None

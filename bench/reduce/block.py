@@ -45,9 +45,14 @@ class ReducibleBlock(nn.Module):
         self.cost = BlockCost.of(block)
         self.exports_received = False  # set when the next block's reducer needs `Need.RECEIVED`
 
-    def apply_decision(self, x: torch.Tensor, state: TokenState, decision: Decision | None) -> torch.Tensor:
-        """Apply `decision` to the tokens `x` and to `state`; charge its MACs; trace it."""
+    def apply_decision(self, x: torch.Tensor, state: TokenState, decision: Decision | list | None) -> torch.Tensor:
+        """Apply `decision` (or each of a list, in order) to the tokens `x` and to `state`; charge its MACs;
+        trace it."""
         if decision is None:
+            return x
+        if isinstance(decision, (list, tuple)):
+            for one in decision:
+                x = self.apply_decision(x, state, one)
             return x
         if not isinstance(decision, APPLIED):
             kinds = ", ".join(kind.__name__ for kind in APPLIED[:-1]) + f" or {APPLIED[-1].__name__}"
@@ -55,6 +60,9 @@ class ReducibleBlock(nn.Module):
         check_decision(decision, x, state, self.who())
         if isinstance(decision, Gate):
             self.account(decision, state, x.shape[-1], moved=False)
+            if decision.in_attention:
+                state.key_gate = decision.gate
+                return x
             state.mask = decision.gate > 0.5
             return x * decision.gate[..., None]
         if isinstance(decision, Prune):

@@ -20,6 +20,7 @@ class Need(enum.Flag):
     LOGITS = enum.auto()  # the full pre-softmax N x N map (forces the unfused path)
     RECEIVED = enum.auto()  # BEFORE_BLOCK only: the attention each token received in the previous block
     PLAIN_WEIGHTS = enum.auto()  # the softmax map without the size bias (vid-TLDR's saliency; forces the unfused path)
+    WEIGHTS = enum.auto()  # the N x N softmax map the block used, bias and gates included (forces the unfused path)
 
 
 class Position(enum.Enum):
@@ -44,6 +45,8 @@ class TokenState:
     their merges (PiToMe) or none at all (ToFu) turn it off.
     `received` [B, N]: the attention each token received in the last block that was asked for it (summed over
     heads and queries), for a `Need.RECEIVED` reducer of the next block.
+    `key_gate` [B, N] float (training only, set by `Gate(in_attention=True)`): each key's exponentiated logit
+    is multiplied by its gate before the softmax normalises, so gradients reach the gates.
     """
 
     prefix: int
@@ -53,6 +56,7 @@ class TokenState:
     size: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    key_gate: torch.Tensor | None = None
     stages: list = field(default_factory=list)  # traced (block index, source) after each applied decision
 
     def valid_counts(self, x: torch.Tensor):
@@ -66,7 +70,7 @@ class AttentionInfo:
 
     cls_attn: torch.Tensor | None = None  # [B, H, N] softmax attention of token 0 (the class token), or its substitute
     received: torch.Tensor | None = None  # [B, N] attention received in the previous block (Need.RECEIVED)
-    weights: torch.Tensor | None = None  # [B, H, N, N] softmax attention map (ONE_STEP_AHEAD reducers)
+    weights: torch.Tensor | None = None  # [B, H, N, N] softmax attention map (Need.WEIGHTS, ONE_STEP_AHEAD reducers)
     keys: torch.Tensor | None = None  # [B, H, N, d]
     values: torch.Tensor | None = None  # [B, H, N, d]
     logits: torch.Tensor | None = None  # [B, H, N, N] pre-softmax attention logits (with bias)
@@ -113,6 +117,9 @@ class Merge(Decision):
     they were.
     `added` (VisionZip's contextual tokens): the kept token is not averaged in; the output is the kept token
     plus the plain mean of the tokens merged into it (unchanged when none is); `weight` and `eps` do not apply.
+    `valid` ([B, K] bool): images keep different numbers of tokens (LTMP's thresholds); False marks padding
+    slots, masked from then on. A merge of tokens that are already padded must give `valid`, and list the
+    padding tokens in `merged` as `dropped`; a token that is kept and also listed as dropped stays kept.
     """
 
     kept: torch.Tensor
@@ -124,6 +131,7 @@ class Merge(Decision):
     dropped: torch.Tensor | None = None  # [B, M] bool: these merged tokens are simply removed (PPT's pruning)
     added: bool = False  # VisionZip: each kept token plus the mean of the tokens merged into it
     passed_size: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass(kw_only=True)
@@ -144,15 +152,22 @@ class Propagate(Decision):
 
 @dataclass(kw_only=True)
 class Gate(Decision):
-    """Training only: scale every token by `gate` ([B, N] in [0, 1]) and mask those below 0.5 out of attention."""
+    """Training only: scale every token by `gate` ([B, N] in [0, 1]) and mask those below 0.5 out of attention.
+
+    `in_attention`: leave the tokens as they are; the gate multiplies each key's exponentiated logit instead,
+    renormalised with a small eps (the `softmax_with_mask` of LTMP's official training), so that gradients
+    reach the gates of tokens already masked.
+    """
 
     gate: torch.Tensor
+    in_attention: bool = False
 
 
 class TokenReducer(nn.Module):
     """Base class of a per-block reducer: set `needs` and `position`, implement `decide`.
 
-    `decide(x, state, info)` returns a `Decision` or None (nothing changes). `x` is the block's tokens at
+    `decide(x, state, info)` returns a `Decision`, a list of them (applied in order) or None (nothing
+    changes). `x` is the block's tokens at
     the reducer's position, `state` the shared `TokenState` (read only), `info` what `needs` asked for.
     A `QUERIES` reducer (ATS) decides from the class-token attention and values before the rest of
     attention runs, and must return a `Prune`; only the kept tokens are then computed as queries.
@@ -165,5 +180,5 @@ class TokenReducer(nn.Module):
         """Called once per forward with the embedded tokens, before block 0: a reducer that carries per-image
         state across blocks (GTP's token graph) sets it up here. The default does nothing."""
 
-    def decide(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> Decision | None:
+    def decide(self, x: torch.Tensor, state: TokenState, info: AttentionInfo) -> Decision | list[Decision] | None:
         raise NotImplementedError

@@ -43,9 +43,18 @@ def apply_prune(x: torch.Tensor, state: TokenState, decision: Prune) -> torch.Te
 
 
 def apply_merge(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Tensor:
-    """Size-weighted merging as a Merge names it; sizes add up; `state` follows."""
-    if state.mask is not None:
-        raise BenchError("merging tokens of images that keep different numbers of tokens is not supported")
+    """Size-weighted merging as a Merge names it; sizes add up; `state` follows (its mask becomes `valid`)."""
+    out = merge_tokens(x, state, decision)
+    if decision.valid is not None:
+        state.mask = decision.valid
+        if state.source is not None:
+            state.source = state.source * decision.valid[..., None]
+    return out
+
+
+def merge_tokens(x: torch.Tensor, state: TokenState, decision: Merge) -> torch.Tensor:
+    if state.key_gate is not None:
+        state.key_gate = state.key_gate.gather(1, decision.kept)
     into = flat_rows(decision.into, decision.kept.shape[1])
     passes = None if decision.dropped is None else ~decision.dropped.flatten()
 
@@ -156,6 +165,8 @@ def follow_tokens(state: TokenState, index: torch.Tensor, mask: torch.Tensor | N
         state.mask = mask
     elif state.mask is not None:
         state.mask = state.mask.gather(1, index)
+    if state.key_gate is not None:
+        state.key_gate = state.key_gate.gather(1, index)
     if state.source is not None:
         state.source = gather_tokens(state.source, index)
         if mask is not None:
@@ -200,6 +211,10 @@ def check_decision(decision: Decision, x: torch.Tensor, state: TokenState, who: 
         for name in ("weight", "passed_size"):
             per_token(name, getattr(decision, name), N)
         per_token("dropped", decision.dropped, decision.merged.shape[1])
+        per_token("valid", decision.valid, decision.kept.shape[1])
+        if state.mask is not None and decision.valid is None:
+            raise BenchError(f"{who}: merging tokens of images that keep different numbers of tokens needs "
+                             "Merge.valid (and the padding listed in merged as dropped)")
     elif isinstance(decision, Propagate):
         indices("donors", decision.donors, n)
         if decision.keep is not None:

@@ -65,6 +65,7 @@ class Method:
     # build() takes calibration=(images, labels) of a held-out split, or calibrated=calibrate(...)'s result:
     needs_calibration: ClassVar[bool] = False
     calibration_version: ClassVar[int] = 1  # raise it when `calibrate` changes: stored calibrations are redone
+    training_optimizer: ClassVar[str] = "adamw"  # or "sgd" (plain, no momentum) for `tokenbench train --method`
     batch_invariant: ClassVar[bool] = True  # an image's result does not depend on the other images in its batch
     summary: ClassVar[str] = ""
 

@@ -1,6 +1,6 @@
 """Training: the loop behind `tokenbench train`, used to make the embedded default checkpoints.
 
-Supervised training with AdamW, linear warm-up then cosine decay and label smoothing, under one of two
+Supervised training with AdamW (or a method's own optimiser), linear warm-up then cosine decay and label smoothing, under one of two
 recipes (`RECIPES`): `light` (light geometric augmentation; every shipped checkpoint before the CIFAR-10
 v2 reference) and `strong` (TrivialAugment, mixup/cutmix, stochastic depth and an EMA of the weights: the
 small-dataset ViT recipe of DeiT and Lee et al. 2021, cut to a CPU budget). Deterministic for a given seed
@@ -46,6 +46,7 @@ class TrainConfig:
     mix_prob: float = 1.0  # the fraction of batches mixed
     ema_decay: float = 0.0  # 0: no EMA; else the EMA of the weights is evaluated, probed and returned
     compact_state: bool = False
+    optimizer: str = "adamw"  # or "sgd": plain SGD, no momentum (LTMP's official threshold training)
     probes: dict[str, Callable] = field(default_factory=dict)  # name -> fn(model) -> float, run every probe_every epochs
     probe_every: int = 5
 
@@ -80,6 +81,18 @@ def accuracy(model: nn.Module, loader: DataLoader, device="cpu") -> float:
         correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
         total += len(labels)
     return correct / max(1, total)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser groups of the trainable parameters: weight decay on matrices only, and a parameter's own
+    `lr_scale` attribute (default 1) multiplying the scheduled learning rate (LTMP's two threshold rates)."""
+    groups: dict = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (p.ndim > 1, getattr(p, "lr_scale", 1.0))
+            groups.setdefault(key, []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in groups.items()]
 
 
 def half(state: dict) -> dict:
@@ -149,10 +162,8 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
     loss_fn = loss_fn or (lambda m, x, y: classification_loss(m, x, y, cfg.label_smoothing))
     order = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=order)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = parameter_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
     total, warmup = cfg.epochs * len(loader), cfg.warmup_epochs * len(loader)
     step, history = 0, []
     model.to(device)
@@ -175,7 +186,7 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
             optimizer.load_state_dict(saved["optimizer"])
         else:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
+                group["lr"] = cosine_lr(step, total, warmup, cfg.lr) * group["lr_scale"]
             rebuild_moments(model, optimizer, ((x.to(device), y.to(device)) for x, y in loader), loss_fn,
                             MOMENT_REBUILD_STEPS, log)
     for epoch in range(len(history), cfg.epochs):
@@ -183,7 +194,7 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
         start, running = time.perf_counter(), 0.0
         for images, labels in loader:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, warmup, cfg.lr)
+                group["lr"] = cosine_lr(step, total, warmup, cfg.lr) * group["lr_scale"]
             images, labels = images.to(device), labels.to(device)
             if mixer is not None:
                 images, targets = mixer(images, labels)

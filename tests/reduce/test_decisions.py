@@ -36,6 +36,16 @@ BAD = {
     "a donor beyond the patch tokens": (
         lambda x, s: Propagate(keep=None, donors=torch.full((x.shape[0], 3), 64), weight=torch.zeros(x.shape[0], 2, 3)),
         "Propagate.donors holds indices in [64, 64], outside [0, 64)"),
+    "a merge's valid slots of the wrong size": (
+        lambda x, s: Merge(kept=torch.arange(60).expand(x.shape[0], -1), merged=torch.arange(60, 65).expand(x.shape[0], -1),
+                           into=torch.zeros(x.shape[0], 5, dtype=torch.long),
+                           valid=torch.ones(x.shape[0], 59, dtype=torch.bool)),
+        "Merge.valid must be [2, 60], got (2, 59)"),
+    "merging padded tokens without saying which slots are real": (
+        lambda x, s: [Prune(keep=torch.arange(60).expand(x.shape[0], -1), valid=torch.tensor([[True] * 60, [True] * 59 + [False]])),
+                      Merge(kept=torch.arange(55).expand(x.shape[0], -1), merged=torch.arange(55, 61).expand(x.shape[0], -1),
+                            into=torch.zeros(x.shape[0], 6, dtype=torch.long))],
+        "merging tokens of images that keep different numbers of tokens needs Merge.valid"),
     "not a decision": (lambda x, s: torch.arange(3), "returned Tensor, not a Prune, Merge, Propagate or Gate"),
 }
 
