@@ -36,6 +36,8 @@ class BudgetChoice:
 
 def candidates(knob: Knob, model: nn.Module) -> list:
     """Values of `knob` from its no-op outward, so that cost does not increase along the list."""
+    if knob.sweep_only:  # LTMP's targets: the no-op, then the sweep from the one nearest it
+        return [knob.noop, *sorted(knob.sweep, key=lambda v: abs(v - knob.noop))]
     if knob.kind is int and knob.noop == knob.low:  # e.g. ToMe's r: 0, 1, 2, ... (nothing changes past the patches)
         return list(range(int(knob.noop), int(knob.noop) + model.patch_embed.num_patches + 1))
     if knob.kind is float and knob.noop >= knob.high:  # keep rates: 1, 0.995, ... (ATS: inf, then 1, 0.995, ...)
@@ -122,6 +124,14 @@ def search_knobs(method: Method, model: nn.Module, fraction: float, images: torc
     return BudgetChoice({**fixed, knob.name: chosen}, cost.known[chosen], cost.adaptive, len(cost.known))
 
 
+def spread(images: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` images evenly spaced over the split, not its first ones: a split stored class by class
+    (CIFAR-10's val split begins with 256 airplanes) would calibrate an adaptive method on one class."""
+    if len(images) <= count:
+        return images
+    return images[torch.linspace(0, len(images) - 1, count).round().long()]
+
+
 def dense_gmacs(model: nn.Module, images: torch.Tensor) -> float:
     """GMACs per image of the dense model (the same on every image)."""
     return measure_gmacs(get_method("none").build(model), images[:1]).gmacs.item()
@@ -136,7 +146,7 @@ def matched_points(method: Method, model: nn.Module, fraction: float, calibratio
     extra = {"calibration": calibration} if method.needs_calibration else {}
     # A calibrated method (DVT) sets its thresholds on the whole held-out split and its cost is their mean
     # over it: measured on a few images, a biased subset could pass a setting that overspends.
-    held_out = calibration[0] if method.needs_calibration else calibration[0][:CALIBRATION_IMAGES]
+    held_out = calibration[0] if method.needs_calibration else spread(calibration[0], CALIBRATION_IMAGES)
     try:
         choice = search_knobs(method, model, fraction, held_out, dense, extra)
     except BenchError as err:

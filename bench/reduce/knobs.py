@@ -33,6 +33,7 @@ class Knob:
     low_inclusive: bool = False
     help: str = ""
     choices: tuple = ()  # a knob that names a variant (DVT's exit criterion) rather than a number
+    sweep_only: bool = False  # only the no-op and the sweep values exist (LTMP: one set of thresholds each)
 
     def __post_init__(self):
         if self.choices and (self.kind is not str or self.noop not in self.choices
@@ -60,6 +61,9 @@ class Knob:
             value = self.kind(value)
         if value == self.noop:  # always valid, even outside the range (ATS: inf switches it off)
             return value
+        if self.sweep_only and value not in self.sweep:
+            raise BenchError(f"{method}: {self.name}={format_value(value)} is not one of its settings "
+                             f"({', '.join(map(format_value, self.sweep))}, or the no-op {format_value(self.noop)})")
         low_ok = value >= self.low if self.low_inclusive else value > self.low
         if not (low_ok and value <= self.high) or value != value:
             lo = "[" if self.low_inclusive else "("

@@ -9,7 +9,7 @@ from plain_vit import one_thread  # noqa: F401  (autouse fixture)
 
 from tokenbench.cli import main
 from tokenbench.errors import BenchError
-from tokenbench.measure.budget import candidates, dense_gmacs, matched_points, search_knobs
+from tokenbench.measure.budget import candidates, dense_gmacs, matched_points, search_knobs, spread
 from tokenbench.measure.results import read_results
 from tokenbench.models.loading import save_checkpoint
 from tokenbench.reduce.ledger import measure_gmacs
@@ -101,3 +101,12 @@ def test_dvt_finds_its_budget_above_its_first_exit():
     choice = search_knobs(method, loaded.model, 0.1, val[0], dense, {"calibration": val})
     first_exit = loaded.model.exit_gmacs(val[0][:1])[0]
     assert first_exit <= choice.gmacs <= 0.1 * dense and choice.adaptive
+
+
+def test_an_adaptive_method_calibrates_on_images_spread_over_the_split_not_its_first():
+    """CIFAR-10's val split is stored class by class: its first 256 images are all airplanes."""
+    labels = torch.arange(10).repeat_interleave(500)  # 5,000 images, class by class
+    chosen = spread(labels, 256)
+    assert len(chosen) == 256 and chosen[0] == 0 and chosen[-1] == 9
+    assert min(torch.bincount(chosen).tolist()) >= 25  # every class, about equally
+    assert torch.equal(spread(labels[:100], 256), labels[:100])
