@@ -213,3 +213,23 @@ def test_on_every_supported_family_the_conformance_checks_hold(family):
         reduced, images[:1]).tokens_per_block()[0, 0]
     counted = measure_gmacs(reduced, images[:1]).matmul_gmacs.item()
     assert counted == pytest.approx(flop_counter_gmacs(reduced, images[:1]), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_the_documented_training_command_trains_one_target_and_keeps_the_others(tmp_path):
+    """`tokenbench train --method ltmp --target T --init CKPT` (one digits epoch): T's thresholds move and
+    are marked trained; the targets the checkpoint had trained stay as they were; plain SGD."""
+    from tokenbench.cli import main
+
+    method = get_method("ltmp")
+    shipped = method.checkpoint_for("vit_digits", "digits")
+    before = models.load_model(checkpoint=shipped).model.ltmp_thresholds
+    out = tmp_path / "ltmp.pt"
+    assert main(["train", "--method", "ltmp", "--init", str(shipped), "--target", "0.7", "--epochs", "1",
+                 "--batch-size", "128", "--lr", "0.01", "--warmup-epochs", "0", "--threads", "1",
+                 "--out", str(out)]) == 0
+    after = models.load_model(checkpoint=out).model.ltmp_thresholds
+    row = TARGETS.index(0.7)
+    assert after.trained.all() and not torch.equal(after.merge[row], before.merge[row])
+    assert all(torch.equal(after.prune[i], before.prune[i]) for i in range(len(TARGETS)) if i != row)
+    assert torch.load(out, weights_only=False)["meta"]["knobs"] == {"target": 0.7}
