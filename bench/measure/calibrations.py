@@ -8,7 +8,8 @@ knobs, the model's weights and the calibration images and labels. It is looked u
    and the regression snapshot; `tokenbench calibrate --write-shipped` regenerates them), used whatever the
    torch version, so those results do not move with it;
 2. the user cache (`TOKENBENCH_CACHE` or the user cache folder, `calibrations/METHOD/KEY-ENV.json`), whose key
-   also holds the torch and timm versions, since a search's result depends on them;
+   also holds the torch and timm versions and the device, since a search's result depends on them (the same
+   search on two CPU generations can round differently and end elsewhere);
 3. else computed, and written to the user cache atomically.
 
 A file is trusted only if it parses, names the key it is stored under, and its settings match their
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from tokenbench.data.store import cache_root
+from tokenbench.measure.results import device_name
 from tokenbench.reduce.registry import Method
 
 FORMAT = 1
@@ -57,8 +59,10 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def environment() -> dict:
-    return {"torch": torch.__version__, "timm": timm.__version__}
+def environment(model: nn.Module) -> dict:
+    """What a calibration's result depends on besides its inputs: library versions and the device it ran on."""
+    device = next(model.parameters()).device
+    return {"torch": torch.__version__, "timm": timm.__version__, "machine": device_name(device)}
 
 
 def shipped_folder(method: str) -> Path:
@@ -112,7 +116,7 @@ def calibrated(method: Method, model: nn.Module, calibration, knobs: dict, *, re
     `origin` (model name, weights, dataset, split) is recorded in the file for people, not part of the key.
     """
     knobs, inputs, key = keyed(method, model, calibration, knobs)
-    user_path = user_folder(method.name) / f"{key}-{digest([key, environment()])[:12]}.json"
+    user_path = user_folder(method.name) / f"{key}-{digest([key, environment(model)])[:12]}.json"
     if not recalibrate:
         for source, path in (("shipped", shipped_folder(method.name) / f"{key}.json"), ("loaded", user_path)):
             record = read_record(path, key)
@@ -128,7 +132,7 @@ def compute(method: Method, model: nn.Module, calibration, knobs: dict, inputs: 
     start = time.perf_counter()
     settings = method.calibrate(model, calibration, **knobs)
     return {"format": FORMAT, "key": key, **inputs, "settings": settings, "settings_sha256": digest(settings),
-            "seconds": round(time.perf_counter() - start, 2), "origin": origin or {}, **environment(),
+            "seconds": round(time.perf_counter() - start, 2), "origin": origin or {}, **environment(model),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
