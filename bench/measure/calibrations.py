@@ -157,20 +157,25 @@ def stored() -> list[dict]:
     return out
 
 
-def write_shipped(method_names: list[str], log=print) -> list[Path]:
-    """Recompute and ship the calibrations of `method_names` for the default sweep on the embedded digits model
-    (its val split), which the quick start's sweep and the regression snapshot use; a method trained with its
-    own model (DVT) is calibrated on its shipped digits weights."""
-    from tokenbench.data.registry import load_split
+def shipped_model(method: Method):
+    """The loaded model a shipped calibration of `method` is made on: the embedded digits model, or for a method
+    trained with its own model (DVT) its shipped digits weights."""
     from tokenbench.models import loading as models
+
+    return models.load_model(checkpoint=method.checkpoint_for("vit_digits", "digits") if method.needs_training
+                             else models.asset(models.EMBEDDED_WEIGHTS["vit_digits"]))
+
+
+def write_shipped(method_names: list[str], log=print) -> list[Path]:
+    """Recompute and ship the calibrations of `method_names` for the default sweep on `shipped_model` (the
+    digits val split), which the quick start's sweep and the regression snapshot use."""
+    from tokenbench.data.registry import load_split
     from tokenbench.reduce.registry import get_method
 
     written = []
     for name in method_names:
         method = get_method(name)
-        checkpoint = (method.checkpoint_for("vit_digits", "digits") if method.needs_training
-                      else models.asset(models.EMBEDDED_WEIGHTS["vit_digits"]))
-        loaded = models.load_model(checkpoint=checkpoint)
+        loaded = shipped_model(method)
         calibration = load_split(loaded.model, "digits", "val")
         origin = {"model": loaded.name, "weights": loaded.weights, "dataset": "digits", "split": "val"}
         for point in method.sweep_points():

@@ -106,12 +106,11 @@ def outcome(method_name: str, knobs: dict, settings: dict) -> tuple[float, float
     from tokenbench.models import loading as models
     from tokenbench.reduce.registry import get_method
 
-    method, embedded = get_method(method_name), models.asset(models.EMBEDDED_WEIGHTS["vit_digits"])
-    model = models.load_model(checkpoint=method.checkpoint_for("vit_digits", "digits") if method.needs_training
-                              else embedded).model
+    method = get_method(method_name)
+    model = calibrations.shipped_model(method).model
     images, labels = load_split(model, "digits", "val")
     run = evaluate(method.build(model, **knobs, calibrated=settings), [(images, labels)], torch.device("cpu"))
-    dense = dense_gmacs(models.load_model(checkpoint=embedded).model, images)
+    dense = dense_gmacs(models.load_model(checkpoint=models.asset(models.EMBEDDED_WEIGHTS["vit_digits"])).model, images)
     return float(run.gmacs.mean() / dense), 100 * run.top1
 
 
