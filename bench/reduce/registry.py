@@ -36,10 +36,10 @@ HARNESS_OPTIONS = frozenset({
     "action", "array_parallelism", "backbone", "baseline", "batch_size", "batch_sizes", "budget", "budgets",
     "cache_dir", "cell", "checkpoint", "checkpoints", "cifar10_root", "cluster", "command", "compile", "count",
     "cpus_per_task", "data_root", "dataset", "device", "dtype", "epochs", "gpus_per_node", "help", "image", "images",
-    "init", "jobs", "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "plot",
+    "init", "jobs", "lr", "method", "methods", "model", "name", "no_timing", "nodes", "out", "pairs", "part", "path", "plot",
     "pretrained", "probe", "protocol", "quick", "recalibrate", "recipe", "repeats", "results", "resume", "reuse",
     "rounds", "run", "seed", "shard", "slurm_account", "slurm_partition", "snapshot", "split", "strict", "submitit",
-    "submitit_folder", "threads", "timeout_min", "tolerance", "update", "warmup", "warmup_epochs", "what", "workers",
+    "submitit_folder", "threads", "timeout_min", "title", "tolerance", "update", "warmup", "warmup_epochs", "what", "workers",
     "write_shipped",
 })
 
