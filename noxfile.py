@@ -51,7 +51,7 @@ def tests_slow(session):
     """The slow tier (`-m slow`): subprocess sweeps, real-data runs, searches; CI runs it after the fast tier."""
     install(session, "test")
     session.install("pip", "setuptools")
-    session.run("pytest", "-m", "slow", *(session.posargs or TESTS))  # its long tests want every core
+    session.run("pytest", "-m", "slow", *(session.posargs or [*PARALLEL, *TESTS]), env=ONE_THREAD)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -166,21 +166,26 @@ def shipped_model(method: Method):
                              else models.asset(models.EMBEDDED_WEIGHTS["vit_digits"]))
 
 
-def write_shipped(method_names: list[str], log=print) -> list[Path]:
-    """Recompute and ship the calibrations of `method_names` for the default sweep on `shipped_model` (the
-    digits val split), which the quick start's sweep and the regression snapshot use."""
+def ship_point(method_name: str, knobs: dict) -> Path:
+    """Compute and ship one calibration of the default sweep: `method_name` at `knobs` on `shipped_model`
+    (the digits val split), which the quick start's sweep and the regression snapshot use."""
     from tokenbench.data.registry import load_split
+    from tokenbench.reduce.registry import get_method
+
+    method = get_method(method_name)
+    loaded = shipped_model(method)
+    origin = {"model": loaded.name, "weights": loaded.weights, "dataset": "digits", "split": "val"}
+    torch.manual_seed(0)  # as the sweep and the snapshot do before building
+    return ship(method, loaded.model, load_split(loaded.model, "digits", "val"), knobs, origin)
+
+
+def write_shipped(method_names: list[str], log=print) -> list[Path]:
+    """Recompute and ship the calibrations of `method_names` at every point of their default sweep."""
     from tokenbench.reduce.registry import get_method
 
     written = []
     for name in method_names:
-        method = get_method(name)
-        loaded = shipped_model(method)
-        calibration = load_split(loaded.model, "digits", "val")
-        origin = {"model": loaded.name, "weights": loaded.weights, "dataset": "digits", "split": "val"}
-        for point in method.sweep_points():
-            torch.manual_seed(0)  # as the sweep and the snapshot do before building
-            path = ship(method, loaded.model, calibration, point, origin)
-            log(f"{name} {point}: {path}")
-            written.append(path)
+        for point in get_method(name).sweep_points():
+            written.append(ship_point(name, point))
+            log(f"{name} {point}: {written[-1]}")
     return written

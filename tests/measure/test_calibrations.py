@@ -114,45 +114,52 @@ def outcome(method_name: str, knobs: dict, settings: dict) -> tuple[float, float
     return float(run.gmacs.mean() / dense), 100 * run.top1
 
 
-@pytest.mark.slow
-def test_the_shipped_calibrations_are_reproduced_on_this_torch(tmp_path, monkeypatch):
-    """Recompute every shipped calibration (one thread, as `tokenbench calibrate --write-shipped`) and compare:
-    a change to a search, a model or the data that moves them fails here, so they never go stale silently.
+SHIPPED = sorted(calibrations.shipped_folder("x").parent.glob("*/*.json"))
 
-    On the machine and torch that wrote a file the settings must be equal. Elsewhere a search may round
+
+def test_calibrations_ship_for_each_calibrating_method_s_default_sweep():
+    from tokenbench.reduce.registry import all_methods
+
+    shipped = {(p.parent.name, json.dumps(json.loads(p.read_text())["knobs"], sort_keys=True)) for p in SHIPPED}
+    calibrating = [m for m in all_methods().values() if m.needs_calibration]
+    assert {name for name, _ in shipped} == {m.name for m in calibrating}
+    for method in calibrating:  # one file per point of the sweep (its knobs as the key records them)
+        assert len([1 for name, _ in shipped if name == method.name]) == len(method.sweep_points())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_shipped_calibration_is_reproduced_on_this_torch(path, tmp_path, monkeypatch):
+    """Recompute a shipped calibration (one thread, as `tokenbench calibrate --write-shipped`) and compare:
+    a change to a search, a model or the data that moves it fails here, so it never goes stale silently.
+
+    On the machine and torch that wrote the file the settings must be equal. Elsewhere a search may round
     differently and end at other settings (DiffRate's counts one token apart, a DVT threshold at a neighbouring
     confidence), so there both settings must do the same: mean GMACs within 2% of dense, top-1 within 2 points."""
     from tokenbench.measure.results import cpu_name
 
-    shipped = {p.relative_to(calibrations.shipped_folder("x").parent): json.loads(p.read_text())
-               for p in calibrations.shipped_folder("x").parent.glob("*/*.json")}
-    assert shipped, "no calibrations ship"
+    record = json.loads(path.read_text())
     monkeypatch.setattr(calibrations, "shipped_folder", lambda method: tmp_path / method)
     with torch.inference_mode(False):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            calibrations.write_shipped(sorted({str(p.parent) for p in shipped}), log=lambda *a: None)
-            problems = []
-            for path, record in shipped.items():
-                recomputed = json.loads((tmp_path / path).read_text())["settings"]
-                if recomputed == record["settings"]:
-                    continue
-                if record.get("machine") == cpu_name() and record["torch"] == torch.__version__:
-                    problems.append(f"{path}: {recomputed} != {record['settings']} on the machine and torch that "
-                                    "wrote it")
-                    continue
-                (cost, top1), (cost_now, top1_now) = (outcome(str(path.parent), record["knobs"], settings)
-                                                      for settings in (record["settings"], recomputed))
-                print(f"{path} ({record['knobs']}) written on {record.get('machine', 'an unrecorded machine')}, "
-                      f"torch {record['torch']}: {cost:.4f} x dense, {top1:.2f}%; recomputed here: "
-                      f"{cost_now:.4f} x dense, {top1_now:.2f}%")
-                if abs(cost - cost_now) > 0.02 or abs(top1 - top1_now) > 2:
-                    problems.append(f"{path}: shipped {cost:.4f} x dense, {top1:.2f}%; recomputed {cost_now:.4f} x "
-                                    f"dense, {top1_now:.2f}%")
+            written = calibrations.ship_point(path.parent.name, record["knobs"])
         finally:
             torch.set_num_threads(threads)
-    assert not problems, f"shipped calibrations are stale (torch {torch.__version__}, {cpu_name()}): {problems}"
+    assert written.name == path.name, "the same inputs no longer give the same key"
+    recomputed = json.loads(written.read_text())["settings"]
+    if recomputed == record["settings"]:
+        return
+    same_place = record.get("machine") == cpu_name() and record["torch"] == torch.__version__
+    assert not same_place, f"{recomputed} != {record['settings']} on the machine and torch that wrote it"
+    (cost, top1), (cost_now, top1_now) = (outcome(path.parent.name, record["knobs"], settings)
+                                          for settings in (record["settings"], recomputed))
+    print(f"{path.name} ({record['knobs']}) written on {record.get('machine', 'an unrecorded machine')}, torch "
+          f"{record['torch']}: {cost:.4f} x dense, {top1:.2f}%; recomputed here: {cost_now:.4f} x dense, {top1_now:.2f}%")
+    assert abs(cost - cost_now) <= 0.02 and abs(top1 - top1_now) <= 2, (
+        f"stale (torch {torch.__version__}, {cpu_name()}): shipped {cost:.4f} x dense, {top1:.2f}%; "
+        f"recomputed {cost_now:.4f} x dense, {top1_now:.2f}%")
 
 
 def test_the_cache_command_lists_and_clears(store, capsys):
