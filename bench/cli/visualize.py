@@ -39,6 +39,7 @@ def run(args):
     from tokenbench.models import loading as models
     from tokenbench.reduce.knobs import knob_label
     from tokenbench.reduce.vit import TokenReducedViT
+    from tokenbench.report.figures import save_png
     from tokenbench.report.patches import describe, patch_owners, render
 
     knobs = one_setting(args.method, args)
@@ -82,10 +83,5 @@ def run(args):
         ax.set_title(f"{title}\n{subtitle}", fontsize=8)
     fig.suptitle(f"{args.method} {label} on {loaded.name}: washed out = dropped, flat outlined = merged",
                  fontsize=9)
-    fig.tight_layout()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    print(f"wrote {save_png(fig, args.out, dpi=100)}")
     return 0

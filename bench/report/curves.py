@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tokenbench.errors import BenchError
+from tokenbench.report.figures import save_png
 
 
 def read_history(path: str | Path) -> list[dict]:
@@ -87,9 +88,4 @@ def draw(frame: pd.DataFrame, title: str, out: str | Path) -> Path:
     for ax in axes[0]:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

@@ -187,6 +187,7 @@ def plot_batch_curve(table: pd.DataFrame, path: str | Path, title: str = "") -> 
     import matplotlib.pyplot as plt
 
     from tokenbench.reduce.registry import all_methods
+    from tokenbench.report.figures import save_png
     from tokenbench.report.leaderboard import style_of
 
     if table["ran"].ne("eager").any():  # a compiled table also has its eager rows: draw the compiled curves
@@ -205,9 +206,4 @@ def plot_batch_curve(table: pd.DataFrame, path: str | Path, title: str = "") -> 
     ax.set_ylabel("speedup over dense (dashed: GMACs ratio)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
