@@ -56,8 +56,9 @@ def probe_pairs(frame: pd.DataFrame) -> dict[str, tuple[str, str]]:
 
 def topk_minus_random(frame: pd.DataFrame) -> pd.DataFrame:
     """Per probed epoch, top-k's top-1 minus random's (points) at each knob setting probed with both."""
-    probed = frame.dropna(subset=[c for pair in probe_pairs(frame).values() for c in pair])
-    return pd.DataFrame({knob: probed[topk] - probed[rand] for knob, (topk, rand) in probe_pairs(frame).items()})
+    pairs = probe_pairs(frame)
+    probed = frame.dropna(subset=[c for pair in pairs.values() for c in pair])
+    return pd.DataFrame({knob: probed[topk] - probed[rand] for knob, (topk, rand) in pairs.items()})
 
 
 def draw(frame: pd.DataFrame, title: str, out: str | Path) -> Path:

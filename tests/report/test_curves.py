@@ -21,7 +21,7 @@ def test_topk_minus_random_pairs_each_setting_probed_with_both():
     assert gaps.loc[2].to_dict() == pytest.approx({"keep=0.5": -2.0, "keep=0.7": 1.0})
 
 
-def test_curve_reads_a_resume_state_and_draws_both_panels(tmp_path, capsys):
+def test_curve_reads_a_resume_state_prints_the_gaps_and_writes_a_png(tmp_path, capsys):
     state = tmp_path / "run.pt.partial"
     torch.save({"history": HISTORY, "step": 10}, state)
     out = tmp_path / "curve.png"
