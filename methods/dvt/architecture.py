@@ -81,15 +81,27 @@ def upsample_grid(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Resample the patch axis `dim` of `t` (g*g tokens) to size*size: nearest-upsample, then average-pool.
 
     As the official code: nearest by an integer factor to at least `size` (7 -> 14 -> 10, 10 -> 20 -> 14),
-    then adaptive average pooling to the target grid.
+    then adaptive average pooling to the target grid. The other axes are the channels of channels-last
+    g x g planes, which CPU kernels resample about three times faster than the same planes one by one
+    (relation reuse resamples millions of them), with the same result bit for bit: the copy of nearest
+    upsampling trivially, the pooling where its windows' areas are powers of two (4 -> 8 -> 6, 6 -> 12 -> 8).
+    Elsewhere the vectorised kernel divides once by a window's area where the per-plane one divides by its
+    height, then width, so those grids pool plane by plane.
     """
-    t = t.movedim(dim, -1)
-    g = math.isqrt(t.shape[-1])
-    lead = t.shape[:-1]
-    grid = t.reshape(-1, 1, g, g)
-    grid = F.interpolate(grid, scale_factor=math.ceil(size / g), mode="nearest")
-    grid = F.adaptive_avg_pool2d(grid, size)
-    return grid.reshape(*lead, size * size).movedim(-1, dim)
+    t = t.movedim(dim, -2)
+    lead, g, channels = t.shape[:-2], math.isqrt(t.shape[-2]), t.shape[-1]
+    planes = t.reshape(-1, g, g, channels).permute(0, 3, 1, 2)
+    planes = F.interpolate(planes, scale_factor=math.ceil(size / g), mode="nearest")
+    if not power_of_two_windows(planes.shape[-1], size):
+        planes = planes.contiguous()
+    planes = F.adaptive_avg_pool2d(planes, size)
+    return planes.permute(0, 2, 3, 1).reshape(*lead, size * size, channels).movedim(-2, dim)
+
+
+def power_of_two_windows(n: int, size: int) -> bool:
+    """Whether every window of adaptive pooling from n to `size` cells (along one axis) spans a power of two."""
+    widths = {-(-(i + 1) * n // size) - i * n // size for i in range(size)}
+    return all(w & (w - 1) == 0 for w in widths)
 
 
 class Stage(nn.Module):

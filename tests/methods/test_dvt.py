@@ -1,21 +1,43 @@
 """DVT: early-exit semantics, per-image cost accounting, the paper's per-stage GMACs, budgeted thresholds,
 training and checkpoints."""
 
+import math
+
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import shared_data, train_steps
 from plain_vit import without_weights
 
 from tokenbench.data import registry as datasets
 from tokenbench.errors import BenchError
 from tokenbench.methods.dvt import DVT
-from tokenbench.methods.dvt.architecture import DVTCascade, EarlyExitDVT
+from tokenbench.methods.dvt.architecture import DVTCascade, EarlyExitDVT, upsample_grid
 from tokenbench.methods.dvt.thresholds import exit_choice, search_thresholds
 from tokenbench.models import loading as models
 from tokenbench.reduce.ledger import CostLedger, flop_counter_gmacs, measure_gmacs
 from tokenbench.reduce.registry import get_method
+
+
+def one_plane_at_a_time(t, size, dim):
+    """The official resampling as written: each g x g plane of the moved axis on its own."""
+    t = t.movedim(dim, -1)
+    g = math.isqrt(t.shape[-1])
+    planes = [F.adaptive_avg_pool2d(F.interpolate(p.reshape(1, 1, g, g), scale_factor=math.ceil(size / g)), size)
+              for p in t.reshape(-1, t.shape[-1])]
+    return torch.cat(planes).reshape(*t.shape[:-1], size * size).movedim(-1, dim)
+
+
+@pytest.mark.parametrize("grid,size", [(4, 6), (6, 8), (7, 10), (10, 14)])  # digits/CIFAR, then DeiT-S at 224
+def test_resampling_equals_the_per_plane_resampling_bit_for_bit(grid, size):
+    torch.manual_seed(0)
+    relations = torch.randn(2, 9, grid * grid, grid * grid)  # >= 8 planes side by side: the vectorised kernels
+    for dim in (-1, -2):
+        assert torch.equal(upsample_grid(relations, size, dim), one_plane_at_a_time(relations, size, dim))
+    features = torch.randn(2, grid * grid, 48)
+    assert torch.equal(upsample_grid(features, size, 1), one_plane_at_a_time(features, size, 1))
 
 
 def cascade(**reuse):
