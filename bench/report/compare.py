@@ -21,9 +21,7 @@ SAME_IMAGES = ["model", "dataset", "split", "device_name", "dtype"]  # one backb
 
 def setting_of(row) -> str:
     """What pairs two rows: the matched budget if the row is at one, else its knobs."""
-    if pd.notna(row["budget"]):
-        return f"budget {row['budget']:g}"
-    return " ".join(f"{k}={v}" for k, v in sorted(row["knobs"].items()))
+    return f"budget {row['budget']:g}" if pd.notna(row["budget"]) else row["knob_text"]
 
 
 def compare(results: str | Path, method: str, baseline: str) -> pd.DataFrame:
