@@ -37,13 +37,16 @@ def compare(results: str | Path, method: str, baseline: str) -> pd.DataFrame:
     lines = []
     for key, group in rows.groupby([*SAME_IMAGES, "setting"], sort=False):
         ours, theirs = (group[group["method"] == name] for name in (method, baseline))
-        if ours.empty or theirs.empty or not paired(ours.iloc[-1], theirs.iloc[-1]):
+        if ours.empty or theirs.empty:
             continue
         a, b = ours.iloc[-1], theirs.iloc[-1]
-        low, high = delta_ci(outcomes(a), outcomes(b))
+        if not paired(a, b):
+            continue
+        right_a, right_b = outcomes(a), outcomes(b)
+        low, high = delta_ci(right_a, right_b)
         lines.append({**dict(zip([*SAME_IMAGES, "setting"], key)), f"{method} %": 100 * a["top1"],
                       f"{baseline} %": 100 * b["top1"], "difference": 100 * (a["top1"] - b["top1"]),
-                      "95% low": low, "95% high": high, "McNemar p": mcnemar(outcomes(a), outcomes(b)),
+                      "95% low": low, "95% high": high, "McNemar p": mcnemar(right_a, right_b),
                       "images": int(a["n_images"])})
     if not lines:
         raise BenchError(f"{method} and {baseline} share no setting on the same images under {results}")
