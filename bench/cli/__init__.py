@@ -15,7 +15,7 @@ import sys
 from tokenbench.errors import BenchError
 
 COMMANDS = ["methods", "bench", "leaderboard", "train", "calibrate", "cache", "regression", "profile", "visualize",
-            "speed", "suite", "support", "curve", "compare"]
+            "speed", "suite", "support", "curve", "compare", "class_attention"]
 COMMAND_ENTRY_POINTS = "tokenbench.commands"  # plugin commands: a module with add_parser(subparsers) and run(args)
 
 

@@ -16,6 +16,7 @@ import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -104,13 +105,19 @@ def unreadable_checkpoint(path: Path, err: Exception) -> str:
     return f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({first})"
 
 
+# Data, not code: the uint32 numpy arrays of a resume state's random streams, rebuilt from their bytes (torch's
+# weights-only unpickler refuses numpy by default).
+NUMPY_ARRAYS = [getattr(np, "_core", np.core).multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict, read without unpickling code."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):  # a resume state's random streams are numpy arrays
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         raise BenchError(unreadable_checkpoint(path, err)) from None
     if not isinstance(obj, dict):
@@ -119,6 +126,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def _state_dict(obj: dict) -> dict:
+    if isinstance(obj.get("identity"), dict) and isinstance(obj.get("ema"), dict):  # a `tokenbench train` resume state: its EMA,
+        return obj["ema"]                                       # the weights its val top-1 and probes measured
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj.get(key), dict):
             return obj[key]
@@ -173,6 +182,8 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
         name = obj.get("model") if isinstance(obj.get("model"), str) else name
+        identity = obj.get("identity")  # a resume state names its model there
+        name = identity.get("model") or name if isinstance(identity, dict) else name
         if name is None:
             raise BenchError(f"checkpoint {checkpoint} does not name its model; pass --model")
         state = _state_dict(obj)

@@ -102,3 +102,22 @@ def test_train_refuses_to_overwrite_an_interrupted_run(tmp_path, capsys):
     (tmp_path / "m.pt.partial").write_bytes(b"state")
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+def test_a_compact_resume_state_loads_as_the_model_its_ema_holds(tmp_path):
+    """`--checkpoint OUT.partial`: the model its identity names, with the EMA's weights (what val and the probes
+    measured), although the state also holds numpy random streams."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model, ema = timm.create_model("vit_digits"), timm.create_model("vit_digits")
+    state = tmp_path / "run.pt.partial"
+    training.save_state(state, model, None, 7, [], torch.Generator().manual_seed(0), {"model": "vit_digits"},
+                        ema=SimpleNamespace(module=ema), compact=True)
+    assert isinstance(torch.load(state, weights_only=False)["numpy_rng"][1], np.ndarray)
+    loaded = models.load_model(checkpoint=state)
+    assert loaded.name == "vit_digits" and loaded.weights.startswith("file:run.pt.partial@sha256:")
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, ema.state_dict()[name].half().float()), name
