@@ -17,7 +17,7 @@ import torch
 import tokenbench
 from tokenbench.cli import build_parser, main
 from tokenbench.reduce.knobs import Knob
-from tokenbench.reduce.registry import HARNESS_OPTIONS, Method, all_methods, knob_by_name, register_method
+from tokenbench.reduce.registry import HARNESS_OPTIONS, Method, all_methods, get_method, knob_by_name, register_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -157,3 +157,16 @@ def test_a_method_declared_from_code_is_imported_instead(tmp_path, monkeypatch):
     declared = registry._declaration(importlib.metadata.EntryPoint("literal", "literal_knobs:Literal",
                                                                    registry.ENTRY_POINT_GROUP))
     assert declared.knobs[0].sweep == (2, 4) and "literal_knobs" not in sys.modules
+
+
+@pytest.mark.parametrize("method", ["dvt", "dynamicvit", "ltmp"])
+def test_trained_weights_are_found_by_backbone_and_only_for_its_dataset(method):
+    """`weights/<method>_<backbone without vit_>.pt`, for the dataset the backbone was trained on; none for a
+    backbone whose weights do not ship (DVT also answers to its cascade's own name)."""
+    trained = get_method(method)
+    assert trained.checkpoint_for("vit_cifar10", "cifar10").name == f"{method}_cifar10.pt"
+    assert trained.checkpoint_for("vit_digits", "digits").name == f"{method}_digits.pt"
+    assert trained.checkpoint_for("vit_cifar10", "digits") is None
+    assert trained.checkpoint_for("deit_small_patch16_224", "imagenet") is None
+    assert (trained.checkpoint_for("dvt_cifar10", "cifar10") is not None) == (method == "dvt")
+    assert get_method("topk").checkpoint_for("vit_cifar10", "cifar10") is None  # trains nothing

@@ -97,8 +97,15 @@ class Method:
         raise NotImplementedError(f"{self.name} does not calibrate")
 
     def checkpoint_for(self, model_name: str, dataset: str):
-        """Trained weights shipped for this method on (model, dataset), or None. Only for `needs_training`."""
-        return None
+        """Trained weights shipped for this method on (model, dataset), or None. Only for `needs_training`.
+
+        They ship as `weights/<method>_<backbone>.pt`, the backbone named without `vit_` (`dvt_cifar10_v2.pt`
+        for `vit_cifar10_v2`), and serve only the dataset that backbone was trained on: its name's first word."""
+        backbone = model_name.removeprefix("vit_")
+        if not self.needs_training or backbone.split("_")[0] != dataset:
+            return None
+        path = self.weights_file(f"{self.name}_{backbone}.pt")
+        return path if path.exists() else None
 
     @classmethod
     def weights_file(cls, name: str) -> Path:

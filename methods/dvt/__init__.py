@@ -21,6 +21,7 @@ Recognition", NeurIPS 2021 (official code: blackfeather-wang/Dynamic-Vision-Tran
 from __future__ import annotations
 
 import math
+import re
 
 from tokenbench.reduce import BenchError, Knob, Method, register_method
 
@@ -74,11 +75,8 @@ class DVT(Method):
         return EarlyExitDVT(model, calibrated["thresholds"], criterion)
 
     def checkpoint_for(self, model_name, dataset):
-        shipped = {"digits": ("vit_digits", "dvt_digits"), "cifar10": ("vit_cifar10", "dvt_cifar10")}
-        if model_name not in shipped.get(dataset, ()):
-            return None
-        path = self.weights_file(f"dvt_{dataset}.pt")  # the cascade with both reuses, on the backbone's width and depth
-        return path if path.exists() else None
+        """Also under the cascade's own name: `dvt_cifar10` has `vit_cifar10`'s width and depth."""
+        return super().checkpoint_for(re.sub(r"^dvt_", "vit_", model_name), dataset)
 
     @classmethod
     def add_training_options(cls, group):

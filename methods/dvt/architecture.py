@@ -315,10 +315,10 @@ DIGITS_PREPROCESSING = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0
 default_cfgs = generate_default_cfgs({
     "dvt_digits.tokenbench": dict(DIGITS_PREPROCESSING, num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
                                   classifier="head", license="apache-2.0"),
-    "dvt_cifar10.tokenbench": dict(
+    **{f"{name}.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
         crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
-        classifier="head", license="apache-2.0"),
+        classifier="head", license="apache-2.0") for name in ("dvt_cifar10", "dvt_cifar10_v2")},
     "dvt_deit_small.untrained": dict(
         input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
         num_classes=1000, first_conv="stages.0.vit.patch_embed.proj", classifier="head", license="apache-2.0"),
@@ -353,3 +353,15 @@ def dvt_cifar10(pretrained=False, feature_reuse=True, relation_reuse=True, **kwa
     grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
     args = dict(img_size=32, embed_dim=64, depth=12, num_heads=2, num_classes=10)
     return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_cifar10", **dict(args, **kwargs))
+
+
+@register_model
+def dvt_cifar10_v2(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """vit_cifar10_v2's width and depth (12 blocks, dim 192, 3 heads, MLP ratio 2) on 4x4, 6x6, 8x8 tokens; the
+    feature-reuse MLP scaled from DeiT-S's 384 -> 128 -> 48 to 192 -> 64 -> 24."""
+    if pretrained:
+        raise BenchError("dvt_cifar10_v2 weights ship as methods/dvt/weights/dvt_cifar10_v2.pt; load them with "
+                         "--checkpoint")
+    grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
+    args = dict(img_size=32, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
+    return build_cascade(grids, feature_reuse, relation_reuse, 64, 24, "dvt_cifar10_v2", **dict(args, **kwargs))

@@ -115,12 +115,6 @@ class DynamicViT(Method):
         reducers = {b: PredictorReducer(predictors[s], s + 1, rho, patches, decisions) for s, b in enumerate(blocks)}
         return TokenReducedViT(model, reducers).train(model.training)  # a fresh module would train (Gumbel)
 
-    def checkpoint_for(self, model_name, dataset):
-        if (model_name, dataset) not in (("vit_digits", "digits"), ("vit_cifar10", "cifar10")):
-            return None
-        path = self.weights_file(f"dynamicvit_{dataset}.pt")
-        return path if path.exists() else None
-
     def training_loss(self, model, rho=0.7):
         """Predictors only (the backbone is frozen): CE + ratio MSE + KL to the dense model."""
         self.attach(model)

@@ -205,12 +205,6 @@ class LTMP(Method):
         reducers = {b: LTMPReducer(merge, prune, b, masks) for b in range(len(model.blocks))}
         return TokenReducedViT(model, reducers).train(model.training)
 
-    def checkpoint_for(self, model_name, dataset):
-        if (model_name, dataset) not in (("vit_digits", "digits"), ("vit_cifar10", "cifar10")):
-            return None
-        path = self.weights_file(f"ltmp_{dataset}.pt")
-        return path if path.exists() else None
-
     def with_fresh_parts(self, model):
         """A copy with stand-ins for trained thresholds at every target, so that the compute runs without
         them: merge above a similarity of the target itself (0.9 … 0.5: lower targets merge more, even on a

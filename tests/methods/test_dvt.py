@@ -179,13 +179,17 @@ def test_training_lowers_the_loss_and_checkpoints_reload_exactly(tmp_path, image
         assert torch.equal(loaded(images), model(images))
 
 
-def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images):
+@pytest.mark.parametrize("backbone_name", ["vit_cifar10", "vit_cifar10_v2"])
+def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images, backbone_name):
     """--backbone: every stage takes the ViT's weights (patch and position embeddings resampled); the stage on
-    the backbone's own grid, without reuse, is the backbone exactly."""
+    the backbone's own grid, without reuse, is the backbone exactly. v2's weights are seeded random until they
+    ship: its cascade's shapes are what is checked."""
     from tokenbench.methods.dvt.architecture import init_from_backbone
 
-    backbone = models.load_model(checkpoint=models.asset("vit_cifar10.pt")).model
-    cascade = timm.create_model("dvt_cifar10", feature_reuse=False, relation_reuse=False).eval()
+    torch.manual_seed(0)
+    backbone = models.load_model(backbone_name).model
+    cascade_name = backbone_name.replace("vit_", "dvt_")
+    cascade = timm.create_model(cascade_name, feature_reuse=False, relation_reuse=False).eval()
     init_from_backbone(cascade, backbone)
     with torch.inference_mode():
         outs = cascade.forward_exits(images)
@@ -193,7 +197,8 @@ def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images
         assert not torch.allclose(outs[0], outs[-1])
     coarse = cascade.stages[0].vit
     assert torch.equal(coarse.blocks[5].attn.qkv.weight, backbone.blocks[5].attn.qkv.weight)
-    assert coarse.pos_embed.shape == (1, 1 + 16, 64)
+    assert coarse.pos_embed.shape == (1, 1 + 16, backbone.embed_dim)
+    init_from_backbone(timm.create_model(cascade_name), backbone)  # both reuses: the widened MLPs take it too
     with pytest.raises(BenchError, match="width"):
         init_from_backbone(timm.create_model("dvt_digits"), backbone)
 
