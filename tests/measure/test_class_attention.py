@@ -6,7 +6,13 @@ import torch
 
 from tokenbench import api
 from tokenbench.cli import main
-from tokenbench.measure.class_attention import ClassAttentionOrder, correct_per_image, nearest_kept_gap, probe
+from tokenbench.measure.class_attention import (
+    ClassAttentionOrder,
+    correct_per_image,
+    nearest_kept_gap,
+    probe,
+    rank_in_window,
+)
 from tokenbench.reduce import KeepRateReducer, TokenReducedViT
 
 
@@ -20,7 +26,7 @@ def digits():
 def test_the_most_attended_at_every_block_is_topk_image_for_image(digits):
     model, images, labels = digits
     table = probe(model, images, labels, keep=0.5)
-    assert list(table["blocks"]) == ["none (dense)"] + [b for b in ["3", "6", "9", "3/6/9"] for _ in range(3)]
+    assert list(table["blocks"]) == ["none (dense)"] + [b for b in ["3", "6", "9"] for _ in range(4)] + ["3/6/9"] * 3
     topk = correct_per_image(api.apply(model, "topk", keep=0.5), images, labels, 32)
     most = correct_per_image(TokenReducedViT(model, {b: ClassAttentionOrder(0.5, "most", torch.Generator())
                                                      for b in (3, 6, 9)}), images, labels, 32)
@@ -68,3 +74,16 @@ def test_the_gap_is_the_mean_distance_to_the_nearest_kept_patch(tiny_vit, digit_
 def test_a_keep_rate_that_reduces_nothing_is_refused(capsys):
     assert main(["class-attention", "--keep", "1"]) == 2
     assert "--keep 1.0: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_the_spread_order_keeps_the_top_two_of_every_window(tiny_vit, digit_images):
+    scores = torch.rand(3, 64)
+    rank = rank_in_window(scores, (8, 8))
+    window = scores.reshape(3, 4, 2, 4, 2)[:, 1, :, 2, :].reshape(3, 4)  # rows 2-3, columns 4-5
+    window_rank = rank.reshape(3, 4, 2, 4, 2)[:, 1, :, 2, :].reshape(3, 4)
+    assert torch.equal(window_rank, window.argsort(-1, descending=True).argsort(-1).float())
+    reduced = TokenReducedViT(tiny_vit, {3: ClassAttentionOrder(0.5, "spread", torch.Generator(), (8, 8))})
+    kept = (reduced.trace(digit_images)[0][1] > 0).any(1).reshape(4, 4, 2, 4, 2)
+    assert (kept.sum((2, 4)) == 2).all()  # two of each 2x2 window
+    with pytest.raises(ValueError, match="first reduction only"):
+        rank_in_window(torch.rand(1, 32), (8, 8))
