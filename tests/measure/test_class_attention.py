@@ -20,12 +20,16 @@ from tokenbench.reduce import KeepRateReducer, TokenReducedViT
 def digits():
     model = api.load_model("vit_digits")
     images, labels = api.load_images(model, "digits", "test")
-    return model, images[:64], labels[:64]
+    return model, images[:48], labels[:48]
 
 
-def test_the_most_attended_at_every_block_is_topk_image_for_image(digits):
+@pytest.fixture(scope="module")
+def table(digits):
+    return probe(*digits, keep=0.5)
+
+
+def test_the_most_attended_at_every_block_is_topk_image_for_image(digits, table):
     model, images, labels = digits
-    table = probe(model, images, labels, keep=0.5)
     assert list(table["blocks"]) == ["none (dense)"] + [b for b in ["3", "6", "9"] for _ in range(4)] + ["3/6/9"] * 3
     topk = correct_per_image(api.apply(model, "topk", keep=0.5), images, labels, 32)
     most = correct_per_image(TokenReducedViT(model, {b: ClassAttentionOrder(0.5, "most", torch.Generator())
@@ -48,12 +52,12 @@ def test_most_and_least_keep_the_two_halves_of_the_patches(digits):
     assert not (kept["most"] & kept["least"]).any() and (kept["most"] | kept["least"]).all()
 
 
-def test_the_random_order_is_seeded_and_differences_are_against_it(digits):
+def test_the_random_order_is_seeded_and_differences_are_against_it(digits, table):
     model, images, labels = digits
-    first, again = (probe(model, images[:32], labels[:32], keep=0.5, seed=3) for _ in range(2))
+    first, again = (probe(model, images[:8], labels[:8], keep=0.5, seed=3) for _ in range(2))
     assert first.equals(again)
-    most = first[first["order"] == "most"].set_index("blocks")
-    random = first[first["order"] == "random"].set_index("blocks")
+    most = table[table["order"] == "most"].set_index("blocks")
+    random = table[table["order"] == "random"].set_index("blocks")
     assert np.allclose(most["minus random"], most["top-1 %"] - random["top-1 %"])
     assert (most["95% low"] <= most["minus random"]).all() and (most["minus random"] <= most["95% high"]).all()
 
