@@ -1,4 +1,4 @@
-"""Is class attention informative? Keep the most, random or least class-attended tokens, block by block.
+"""Is class attention informative? Keep the most, spread, random or least class-attended tokens, block by block.
 
 Top-k's premise (EViT, and the baselines of DynamicViT's ablation) is that the class token's attention ranks
 patch tokens by importance. Where it does, keeping the most attended tokens beats keeping random ones and
