@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from tokenbench.measure.metrics import evaluate
 from tokenbench.measure.stats import delta_ci, mcnemar
 from tokenbench.reduce import KeepRateReducer, Need, TokenReducedViT, reduction_stages
 
@@ -60,9 +61,9 @@ def rank_in_window(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def correct_per_image(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> np.ndarray:
-    with torch.inference_mode():
-        predictions = torch.cat([model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
-    return (predictions == labels).numpy()
+    """Top-1 right or not per image, by the harness's own evaluation (`tokenbench.measure.metrics.evaluate`)."""
+    batches = ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+    return evaluate(model, batches, torch.device("cpu")).correct
 
 
 def nearest_kept_gap(model: nn.Module, reducers: dict, images: torch.Tensor, batch_size: int) -> float:
@@ -70,9 +71,9 @@ def nearest_kept_gap(model: nn.Module, reducers: dict, images: torch.Tensor, bat
     rows, cols = model.patch_embed.grid_size
     grid = torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).float()
     distance = torch.cdist(grid, grid)  # [patch, patch]
-    gaps = []
+    reduced, gaps = TokenReducedViT(model, reducers), []
     for i in range(0, min(len(images), GAP_IMAGES), batch_size):
-        stages = TokenReducedViT(model, reducers).trace(images[i:min(i + batch_size, GAP_IMAGES)])
+        stages = reduced.trace(images[i:min(i + batch_size, GAP_IMAGES)])
         if not stages:  # no block changed the tokens
             return 0.0
         held = (stages[-1][1] > 0).any(1)  # [images, patches]
