@@ -28,7 +28,7 @@ from tokenbench.models import video
 from tokenbench.reduce.registry import get_method
 
 EMBEDDED_WEIGHTS = {"vit_digits": "vit_digits.pt", "vit_cifar10": "vit_cifar10.pt",
-                    "vit_video_digits": "vit_video_digits.pt"}
+                    "vit_cifar10_v2": "vit_cifar10_v2.pt", "vit_video_digits": "vit_video_digits.pt"}
 
 
 DIGITS_PREPROCESSING = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,

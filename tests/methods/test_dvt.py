@@ -182,8 +182,7 @@ def test_training_lowers_the_loss_and_checkpoints_reload_exactly(tmp_path, image
 @pytest.mark.parametrize("backbone_name", ["vit_cifar10", "vit_cifar10_v2"])
 def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images, backbone_name):
     """--backbone: every stage takes the ViT's weights (patch and position embeddings resampled); the stage on
-    the backbone's own grid, without reuse, is the backbone exactly. v2's weights are seeded random until they
-    ship: its cascade's shapes are what is checked."""
+    the backbone's own grid, without reuse, is the backbone exactly (both backbones' shipped weights)."""
     from tokenbench.methods.dvt.architecture import init_from_backbone
 
     torch.manual_seed(0)

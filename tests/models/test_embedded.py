@@ -35,10 +35,11 @@ def test_digits_splits_are_disjoint_stratified_and_fixed():
 
 
 @pytest.mark.slow
-def test_cifar10_reference_weights_reach_their_recorded_test_accuracy():
+@pytest.mark.parametrize("name", ["vit_cifar10", "vit_cifar10_v2"])
+def test_cifar10_reference_weights_reach_their_recorded_test_accuracy(name):
     root = shared_data("cifar10")
-    loaded = load_model("vit_cifar10")
-    assert loaded.meta["command"].startswith("tokenbench train --model vit_cifar10 --dataset cifar10")
+    loaded = load_model(name)
+    assert loaded.meta["command"].startswith(f"tokenbench train --model {name} --dataset cifar10")
     test = datasets.build_dataset("cifar10", "test", datasets.eval_transform(loaded.model), str(root))
     images, labels = preload(test.dataset)
     result = evaluate(loaded.model, batches(images, labels, 500), torch.device("cpu"))
