@@ -66,6 +66,22 @@ def test_bench_has_no_loose_modules_and_none_over_400_lines():
     assert not long, f"modules over 400 lines: {long}"
 
 
+def test_every_subpackage_and_entry_point_is_in_the_wheel():
+    """The wheel holds exactly the packages pyproject lists: a package left out installs without its code (an
+    editable install hides that), and then every command fails on its entry point."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(p) for folder in (BENCH, METHODS) for p in folder.rglob("__init__.py")}
+    assert on_disk == listed, f"missing from [tool.setuptools] packages: {sorted(on_disk - listed)}; " \
+                              f"listed but absent: {sorted(listed - on_disk)}"
+    assert set(project["tool"]["setuptools"]["package-data"]) <= listed
+    targets = {v.split(":")[0] for group in project["project"]["entry-points"].values() for v in group.values()}
+    unshipped = {t for t in targets if t not in listed and t.rpartition(".")[0] not in listed}
+    assert not unshipped, f"entry points into modules the wheel does not hold: {sorted(unshipped)}"
+
+
 def test_every_layer_imports_only_downward_and_the_core_names_no_method():
     upward = []
     for module, path in modules_of(BENCH).items():
