@@ -197,8 +197,13 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
         "    def __getitem__(self, i):\n"
         "        print('worker', os.getpid(), flush=True); time.sleep(60); return i\n"
         "for _ in DataLoader(Slow(), num_workers=2, worker_init_fn=die_with_parent): pass\n")
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    workers = {int(parent.stdout.readline().split()[1]) for _ in range(2)}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [parent.stdout.readline() for _ in range(2)]
+    if not all(line.startswith("worker ") for line in lines):  # say why, not an IndexError
+        parent.kill()
+        _, err = parent.communicate()
+        pytest.fail(f"the parent did not start two workers (exit {parent.returncode}, lines {lines}): {err[-3000:]}")
+    workers = {int(line.split()[1]) for line in lines}
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.time() + 10
