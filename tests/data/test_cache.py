@@ -195,10 +195,10 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
         "class Slow(Dataset):\n"
         "    def __len__(self): return 1000\n"
         "    def __getitem__(self, i):\n"
-        "        print('worker', os.getpid(), flush=True); time.sleep(60); return i\n"
+        "        os.write(1, f'worker {os.getpid()}\\n'.encode()); time.sleep(60); return i\n"
         "for _ in DataLoader(Slow(), num_workers=2, worker_init_fn=die_with_parent): pass\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = [parent.stdout.readline() for _ in range(2)]
+    lines = [parent.stdout.readline() for _ in range(2)]  # one write(2) a line: two workers never interleave
     if not all(line.startswith("worker ") for line in lines):  # say why, not an IndexError
         parent.kill()
         _, err = parent.communicate()
