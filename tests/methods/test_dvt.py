@@ -296,8 +296,8 @@ def test_four_cascades_ship_per_dataset_one_per_reuse_setting(dataset):
     found = {}
     for name in SHIPPED_CASCADES:
         loaded = models.load_model(checkpoint=DVT.weights_file(name))
-        command = loaded.meta["command"]
-        if loaded.meta["dataset"] == dataset and command.split("--model ")[1].split()[0] == f"dvt_{dataset}":
+        if loaded.meta["dataset"] == dataset and loaded.name == f"dvt_{dataset}":
+            command = loaded.meta["command"]
             assert command.startswith(f"tokenbench train --model dvt_{dataset} --method dvt --reuse "), command
             found[reuse_label(loaded.model)] = command.split("--reuse ")[1].split()[0]
     assert found == {"feature + relation": "both", "feature": "feature", "relation": "relation", "none": "none"}
