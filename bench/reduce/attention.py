@@ -75,6 +75,10 @@ def attention_kernel_log():
         _KERNEL_LOGS.remove(seen)
 
 
+def kernel_log_active() -> bool:
+    return bool(_KERNEL_LOGS)
+
+
 def note_kernel(q=None, k=None, v=None, mask=None) -> None:
     """Log the fused kernel torch selects for these inputs (as autocast would cast them), or `explicit`."""
     if not _KERNEL_LOGS:

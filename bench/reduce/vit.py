@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 
 from tokenbench.errors import BenchError
-from tokenbench.reduce.attention import CLS_SUBSTITUTE, attention_bias
+from tokenbench.reduce.attention import CLS_SUBSTITUTE, attention_bias, kernel_log_active
 from tokenbench.reduce.block import ReducibleBlock
 from tokenbench.reduce.contract import Need, Position, TokenReducer, TokenState
 from tokenbench.reduce.ledger import active_ledger, embed_macs, linear_macs_per_token, norm_macs_per_token
+from tokenbench.reduce.prefix import active_store
 
 SUPPORTED_FAMILIES = ("DeiT (distilled too), DeiT III, AugReg ViT, CLIP, DINOv2 (with registers too), MAE and other "
                       "average-pool ViTs, SigLIP: timm's VisionTransformer")
@@ -125,8 +126,17 @@ class TokenReducedViT(nn.Module):
             state.source = torch.cat([x.new_zeros(state.prefix, patches), eye]).expand(x.shape[0], -1, -1)
         for reducer in dict.fromkeys(b.reducer for b in self.blocks if b.reducer is not None):
             reducer.begin(x, state)
-        for blk in self.blocks:
-            x = blk(x, state)
+        start, depth, key = 0, self._plain_prefix(), None
+        store = active_store() if depth and self._may_reuse(state) else None
+        if store is not None and (key := store.key(vit, images)) is not None:
+            start, stored = store.nearest(key, depth)
+            if stored is not None:
+                x = stored
+                self._charge_skipped(start, x.shape[1])
+        for i in range(start, len(self.blocks)):
+            if key is not None and i == depth and depth > start:
+                store.keep(vit, key, depth, x)
+            x = self.blocks[i](x, state)
         x = vit.norm(x)
         ledger = active_ledger()
         if ledger is not None:
@@ -136,6 +146,23 @@ class TokenReducedViT(nn.Module):
             if self._pool_macs_per_token:
                 ledger.add(self._pool_macs_per_token * n)
         return x, state
+
+    def _plain_prefix(self) -> int:
+        """How many blocks run before the first one a reducer changes (or asks to export attention for)."""
+        return next((i for i, b in enumerate(self.blocks) if b.reducer is not None or b.exports_received),
+                    len(self.blocks))
+
+    def _may_reuse(self, state: TokenState) -> bool:
+        """Whether the prefix is the plain model's: evaluation without gradients, tokens untouched by `begin`,
+        and no trace or kernel log that the skipped blocks would have written to."""
+        untouched = all(v is None for v in (state.size, state.mask, state.key_gate, state.received, state.source))
+        return untouched and not self.training and not torch.is_grad_enabled() and not kernel_log_active()
+
+    def _charge_skipped(self, blocks: int, tokens: int) -> None:
+        ledger = active_ledger()
+        if ledger is not None:
+            for blk in self.blocks[:blocks]:
+                ledger.add_block(blk.cost, tokens, tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x, state = self._forward_tokens(images)

@@ -27,6 +27,7 @@ from tokenbench.measure import metrics as measure
 from tokenbench.measure import results as results
 from tokenbench.models import loading as models
 from tokenbench.reduce.knobs import knob_label
+from tokenbench.reduce.prefix import PrefixStore, reusing
 from tokenbench.reduce.registry import Method, get_method, knob_overrides, resolve_methods
 from tokenbench.reduce.vit import check_vit
 from tokenbench.run import distributed as distributed
@@ -210,6 +211,7 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
             + (f" -> {results_path}" if results_path else ""))
         started = time.perf_counter()
         rows = []
+        prefixes = held.enter_context(contextlib.closing(PrefixStore()))  # evaluation's shared dense prefixes
         for i, (name, method, loaded, point) in enumerate(plan, 1):
             cell = {"method": name, "knobs": point, "model": loaded.name, "weights": loaded.weights,
                     "dataset": dataset, "split": split, "device": chosen_device.type,
@@ -231,8 +233,9 @@ def sweep(methods: str | list[str] = "all", model: str | None = None, *, checkpo
                     method, loaded.model, calibration, point, recalibrate=recalibrate, origin=origin)
             built = method.build(loaded.model, **point, **extra).to(chosen_device).eval()
             start, stop = distributed.contiguous_slice(len(store), world)
-            local = (measure.evaluate(built, store.batches(batch_size, start, stop), chosen_device, dtype, ds.views)
-                     if stop > start else None)
+            with reusing(prefixes) if chosen_device.type == "cpu" else contextlib.nullcontext():
+                local = (measure.evaluate(built, store.batches(batch_size, start, stop), chosen_device, dtype, ds.views)
+                         if stop > start else None)
             evaluation = distributed.gather(local, world)
             if not world.is_main:
                 continue
