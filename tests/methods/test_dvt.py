@@ -147,6 +147,31 @@ def test_method_calibrates_on_held_out_images_under_the_budget(images):
         method.build(timm.create_model("vit_digits"), cost=0.5)
 
 
+def test_costs_calibrate_on_one_pass_of_the_cascade_over_the_held_out_split(monkeypatch):
+    """Every cost reuses the exit outputs of the first (same cascade, images, labels, criterion); the thresholds are
+    those of a fresh pass; a changed weight, other images or another criterion run the cascade again."""
+    from tokenbench.methods.dvt import thresholds
+
+    model = cascade()
+    torch.manual_seed(2)
+    held_out = (torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,)))
+    passes = []
+    forward_exits = DVTCascade.forward_exits
+    monkeypatch.setattr(DVTCascade, "forward_exits", lambda self, x: passes.append(len(x)) or forward_exits(self, x))
+    method = get_method("dvt")
+    first = [method.calibrate(model, held_out, cost)["thresholds"] for cost in (0.3, 0.5, 0.7)]
+    assert passes == [24]
+    thresholds._EXITS.clear()
+    assert [method.calibrate(model, held_out, cost)["thresholds"] for cost in (0.3, 0.5, 0.7)] == first
+    assert passes == [24, 24]
+    method.calibrate(model, held_out, 0.5, "entropy")
+    method.calibrate(model, (held_out[0][:20], held_out[1][:20]), 0.5)
+    with torch.no_grad():
+        model.stages[0].vit.head.weight.mul_(2.0)
+    method.calibrate(model, held_out, 0.5)
+    assert passes == [24, 24, 24, 20, 24]
+
+
 def test_shipped_checkpoint_meets_its_budgets_on_the_val_split():
     method = get_method("dvt")
     path = method.checkpoint_for("vit_digits", "digits")
