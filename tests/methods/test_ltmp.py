@@ -175,13 +175,14 @@ def test_training_moves_only_this_target_s_thresholds_toward_its_ratio(tiny_vit,
     assert all(torch.equal(tiny_vit.state_dict()[k], v) for k, v in backbone.items())
 
 
-@pytest.mark.parametrize("dataset", ["digits", "cifar10"])
-def test_the_shipped_thresholds_cover_every_target_and_reduce_in_order(dataset):
+@pytest.mark.parametrize("backbone, dataset", [("vit_digits", "digits"), ("vit_cifar10", "cifar10"),
+                                               ("vit_cifar10_v2", "cifar10")])
+def test_the_shipped_thresholds_cover_every_target_and_reduce_in_order(backbone, dataset):
     """Every target of the sweep trained; a lower target spends fewer GMACs (on a fixed batch)."""
     method = get_method("ltmp")
-    path = method.checkpoint_for(f"vit_{dataset}", dataset)
+    path = method.checkpoint_for(backbone, dataset)
     if path is None:
-        pytest.fail(f"no shipped ltmp thresholds for {dataset}")
+        pytest.fail(f"no shipped ltmp thresholds for {backbone} on {dataset}")
     model = models.load_model(checkpoint=path).model
     assert model.ltmp_thresholds.trained.all()
     torch.manual_seed(0)
