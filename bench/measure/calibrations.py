@@ -33,19 +33,10 @@ import torch.nn as nn
 
 from tokenbench.data.store import cache_root
 from tokenbench.measure.results import device_name
+from tokenbench.reduce.fingerprint import tensor_digest
 from tokenbench.reduce.registry import Method
 
 FORMAT = 1
-
-
-def tensor_digest(tensors) -> str:
-    """sha256 of tensors' dtypes, shapes and bytes, in order."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def weights_digest(model: nn.Module) -> str:

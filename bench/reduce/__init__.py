@@ -19,6 +19,7 @@ SURFACE = {
     "ledger": ["BlockCost", "CostLedger", "active_ledger", "embed_macs", "linear_macs_per_token",
                "norm_macs_per_token"],
     "knobs": ["Knob", "keep_rate_knob"],
+    "fingerprint": ["parameter_versions", "tensor_digest"],
     "registry": ["Method", "register_method"],
 }
 _HOME = {name: module for module, names in SURFACE.items() for name in names} | {"BenchError": None}

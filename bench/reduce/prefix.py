@@ -2,19 +2,21 @@
 the same backbone and images, so a sweep computes them once per batch and depth instead of once per configuration.
 
 Active only inside `reusing(store)`, which the sweep opens around each evaluation on the CPU (never around timing:
-a timed forward always runs every block; on a GPU the prefix is cheap next to the memory it would hold). A stored prefix is used only when the backbone module, its parameters
-(identity and in-place version), autocast and the images (a BLAKE2 digest of their bytes) all match, so the tokens
-are those the blocks would compute, bit for bit; the ledger is charged the skipped blocks' MACs as if they ran.
+a timed forward always runs every block; on a GPU the prefix is cheap next to the memory it would hold). A stored
+prefix is used only when the backbone module, its parameters (identity and in-place version), autocast and the
+images (a digest of their bytes) all match, so the tokens are those the blocks would compute, bit for bit; the
+ledger is charged the skipped blocks' MACs as if they ran.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import weakref
 
 import torch
 import torch.nn as nn
+
+from tokenbench.reduce.fingerprint import parameter_versions, tensor_digest
 
 STORE_BYTES = 2 * 2**30  # stored tokens at most; past it, prefixes are computed as usual and not kept
 
@@ -32,15 +34,12 @@ class PrefixStore:
         self._watched: dict[int, weakref.finalize] = {}
 
     def key(self, vit: nn.Module, images: torch.Tensor) -> tuple | None:
-        """What the prefix's tokens depend on, or None where a parameter keeps no version (made in inference mode)."""
-        try:
-            params = tuple((id(p), p._version) for p in vit.parameters())
-        except RuntimeError:
+        """What the prefix's tokens depend on, or None where the parameters keep no version."""
+        params = parameter_versions(vit)
+        if params is None:
             return None
-        data = images.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
         autocast = (torch.is_autocast_enabled(images.device.type), torch.get_autocast_dtype(images.device.type))
-        return (id(vit), params, autocast, tuple(images.shape), images.dtype, images.device,
-                hashlib.blake2b(data, digest_size=16).digest())
+        return id(vit), params, autocast, images.device, tensor_digest([images])
 
     def nearest(self, key: tuple, depth: int) -> tuple[int, torch.Tensor | None]:
         """(d, tokens) with the largest stored d <= depth, or (0, None)."""

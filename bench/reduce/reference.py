@@ -16,7 +16,7 @@ ORDER = ["Method", "Knob", "keep_rate_knob", "register_method", "TokenReducedViT
          "TokenState", "AttentionInfo", "Decision", "Prune", "Merge", "Propagate", "Gate", "KeepRateReducer",
          "keep_count", "stage_counts", "default_reduction_blocks", "reduction_stages", "gather_tokens", "with_prefix",
          "run_attention", "mean_attention_received", "classify", "active_ledger", "CostLedger", "BlockCost", "embed_macs",
-         "linear_macs_per_token", "norm_macs_per_token", "BenchError"]
+         "linear_macs_per_token", "norm_macs_per_token", "tensor_digest", "parameter_versions", "BenchError"]
 
 
 def class_outline(cls: type) -> str:

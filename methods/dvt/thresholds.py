@@ -18,7 +18,7 @@ import torch
 
 RANDOM_KEY = b"tokenbench-dvt-random-exit-0"  # the seed of random exit
 
-from tokenbench.reduce import BenchError
+from tokenbench.reduce import BenchError, parameter_versions, tensor_digest
 
 CRITERIA = ("confidence", "entropy", "random")  # what decides an early exit (`exit_scores`)
 
@@ -113,10 +113,6 @@ def search_thresholds(confidence: np.ndarray, correct: np.ndarray, exit_costs: n
 _EXITS: dict[tuple, tuple] = {}  # exit_outputs' answers, by what determines them (a few held-out splits)
 
 
-def _digest(tensor: torch.Tensor) -> bytes:
-    return hashlib.blake2b(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), digest_size=16).digest()
-
-
 def exit_outputs(cascade, images: torch.Tensor, labels: torch.Tensor, criterion: str = "confidence",
                  batch_size: int = 256):
     """[K, n] exit scores by `criterion` and correctness of every exit on held-out images.
@@ -125,11 +121,10 @@ def exit_outputs(cascade, images: torch.Tensor, labels: torch.Tensor, criterion:
     of a sweep, and every value a matched-budget search tries, calibrates on the same outputs, which took a
     full cascade pass over the held-out split each time.
     """
-    try:
-        params = tuple((id(p), p._version) for p in cascade.parameters())
-    except RuntimeError:  # parameters made in inference mode keep no version: nothing to key on
+    params = parameter_versions(cascade)
+    if params is None:
         return _exit_outputs(cascade, images, labels, criterion, batch_size)
-    key = (id(cascade), params, _digest(images), _digest(labels), criterion, batch_size)
+    key = (id(cascade), params, tensor_digest([images, labels]), criterion, batch_size)
     held = _EXITS.get(key)
     if held is not None and held[0]() is cascade:
         return tuple(a.copy() for a in held[1])

@@ -1,6 +1,10 @@
 """Dense-prefix reuse gives the same logits, ledger and token counts, bit for bit, as running every block."""
 
+import copy
+import gc
+
 import pytest
+import timm
 import torch
 
 from tokenbench.reduce.ledger import CostLedger
@@ -45,8 +49,6 @@ def batches():
 
 @pytest.fixture(scope="module")
 def vit():
-    import timm
-
     torch.manual_seed(0)
     return timm.create_model("vit_digits").eval()
 
@@ -72,8 +74,6 @@ def test_every_way_of_reducing_gives_the_same_answer_from_a_stored_prefix(vit, b
 
 
 def test_a_changed_weight_or_other_images_are_never_served_a_stale_prefix(batches):
-    import timm
-
     torch.manual_seed(0)
     vit = timm.create_model("vit_digits").eval()
     store = PrefixStore()
@@ -95,14 +95,10 @@ def test_prefixes_are_only_read_while_the_store_is_active_and_leave_with_their_b
     hits = store.hits
     run(model, batches)  # a timed forward: no store active, every block runs
     assert store.hits == hits
-    import copy
-
     twin = copy.deepcopy(vit)
     run(build(twin, "topk", {"keep": 0.7}), batches, store)
     assert store.hits == hits and len(store.entries) == 2 * len(batches)  # another module: its own prefixes
     del twin
-    import gc
-
     gc.collect()
     assert len(store.entries) == len(batches) and store.bytes > 0
 
