@@ -137,11 +137,27 @@ def collate_readable(items) -> tuple:
     return images, labels, len(items) - len(kept)
 
 
+def worker_context(dataset):
+    """The start method of `dataset`'s worker processes: a forkserver where the dataset says that a forked copy
+    of this process cannot read it (`fork_safe = False`: PyAV 18.1.1 hangs in a child forked after the parent
+    decoded a video), else the platform's default."""
+    while isinstance(dataset, (Subset, Readable)):
+        dataset = dataset.dataset
+    if getattr(dataset, "fork_safe", True):
+        return None
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([type(dataset).__module__])  # each pass's workers start without re-importing
+    return context
+
+
 def readable_batches(dataset, batch_size: int, workers: int, strict: bool, unreadable: list):
     """Batches of the readable items of `dataset`; the unreadable ones are added to `unreadable[0]` (or, under
     strict, fail the run)."""
     loader = DataLoader(Readable(dataset), batch_size=batch_size, num_workers=workers, collate_fn=collate_readable,
-                        worker_init_fn=die_with_parent if workers else None)
+                        worker_init_fn=die_with_parent if workers else None,
+                        multiprocessing_context=worker_context(dataset) if workers else None)
     for images, labels, dropped in loader:
         if dropped and strict:
             raise BenchError(f"{dropped} unreadable items (drop --strict to count and skip them)")

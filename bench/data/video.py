@@ -248,6 +248,8 @@ def decode_video(path: Path) -> torch.Tensor:
 class VideoFiles(Dataset):
     """Videos decoded on access with PyAV, with their labels."""
 
+    fork_safe = False  # a child forked after this process decoded a video can hang in PyAV (18.1.1)
+
     def __init__(self, paths: list[Path], labels: list[int], transform: Callable):
         self.paths, self.labels, self.transform = paths, labels, transform
 

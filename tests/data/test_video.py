@@ -446,3 +446,16 @@ def test_a_clip_that_breaks_after_the_readability_check_is_counted_not_fatal(tmp
     pancake.unlink()
     pancake.symlink_to(shared_data("kinetics-clips") / "decord_flipping_a_pancake.mkv")
     assert main([*argv, "--strict", "--out", str(tmp_path / "strict")]) == 2
+
+
+def test_streamed_clips_are_decoded_by_workers_started_from_a_forkserver(tmp_path):
+    """A child forked after its parent decoded a video hangs in PyAV 18.1.1 (the streamed tests of the slow tier
+    did, in CI): a video set's workers start from a forkserver; an image set's keep the default fork."""
+    from torch.utils.data import Subset
+
+    from tokenbench.data.store import worker_context
+    from tokenbench.data.video import VideoFiles
+
+    videos = VideoFiles([tmp_path / "clip.mp4"], [0], torch.nn.Identity())
+    assert worker_context(Subset(videos, [0])).get_start_method() == "forkserver"
+    assert worker_context(datasets.build_dataset("digits", "test", torch.nn.Identity()).dataset) is None
