@@ -184,6 +184,20 @@ def test_the_speed_part_times_in_a_fresh_process_before_the_exact_part(monkeypat
     assert ran == ["speed", "exact"]
 
 
+def test_speeds_are_timed_with_the_allocator_pinned(monkeypatch):
+    """glibc's moving mmap threshold made a method's speedup depend on what the process allocated before (LTMP
+    0.46-0.63x over fresh processes): every measurement pins it first, and pinning works on this Linux."""
+    import sys
+    from dataclasses import replace
+
+    pinned = []
+    monkeypatch.setattr(gate, "pin_allocator", lambda: pinned.append(True) or True)
+    gate.measure_speeds({"none": all_methods()["none"]}, replace(gate.SpeedSetup(), pairs=1), log=lambda *a: None)
+    assert pinned == [True]
+    monkeypatch.undo()
+    assert gate.pin_allocator() == sys.platform.startswith("linux")
+
+
 def test_cli_rejects_unknown_methods(capsys):
     assert main(["regression", "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
