@@ -147,6 +147,8 @@ def worker_context(dataset):
         return None
     import multiprocessing
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([type(dataset).__module__])  # each pass's workers start without re-importing
     return context
