@@ -139,8 +139,8 @@ def run(args):
     options = method_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.recipe != "light" and (args.method or args.init):
-        raise BenchError(f"--recipe {args.recipe} trains a backbone from scratch: drop --method and --init")
+    if args.recipe != "light" and args.method:
+        raise BenchError(f"--recipe {args.recipe} trains a backbone (from scratch, or on from --init): drop --method")
     torch.manual_seed(args.seed)
     probe = datasets.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
     recipe = training.RECIPES[args.recipe]
@@ -148,6 +148,10 @@ def run(args):
         loaded = models.load_model(checkpoint=args.init)
         model, name = loaded.model, loaded.name
         model_kwargs = dict(models.read_checkpoint(args.init).get("model_kwargs", {}))
+        if "drop_path" in recipe:  # a backbone trained on (a second schedule) with the recipe's stochastic depth
+            model = models.create(name, num_classes=loaded.model.num_classes, **model_kwargs,
+                                  drop_path_rate=recipe["drop_path"])
+            model.load_state_dict(loaded.model.state_dict())
     else:
         name = args.model
         model_kwargs = method.training_model_kwargs(options) if method else {}

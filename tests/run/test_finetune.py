@@ -62,6 +62,27 @@ def test_training_mirrors_only_mirror_invariant_datasets(tmp_path, monkeypatch, 
     assert any(isinstance(t, transforms.RandomHorizontalFlip) for t in steps) == mirrored
 
 
+def test_the_strong_recipe_trains_a_backbone_on_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """`--init` with `--recipe strong` (a second schedule for a reference backbone): the checkpoint's weights with
+    the recipe's stochastic depth and EMA; a method with the recipe is still refused."""
+    from timm.layers import DropPath
+
+    start = tmp_path / "start.pt"
+    torch.manual_seed(0)
+    models.save_checkpoint(start, timm.create_model("vit_digits", depth=2).eval(), "vit_digits", {}, {"depth": 2})
+    seen = []
+    monkeypatch.setattr(training, "train", lambda model, train_set, cfg, **k: seen.append((model, cfg)) or [{}])
+    assert main(["train", "--init", str(start), "--recipe", "strong", "--epochs", "1", "--out",
+                 str(tmp_path / "on.pt")]) == 0
+    model, cfg = seen[0]
+    assert isinstance(model.blocks[1].drop_path1, DropPath) and cfg.ema_decay == training.RECIPES["strong"]["ema_decay"]
+    initial = models.read_checkpoint(start)["state_dict"]
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert main(["train", "--init", str(start), "--method", "evit", "--recipe", "strong", "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "drop --method" in capsys.readouterr().err
+
+
 def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
     """State saved after every epoch: stopping after epoch 1 and resuming ends where one run ends."""
     from torch.utils.data import TensorDataset
