@@ -144,19 +144,18 @@ def run(args):
     torch.manual_seed(args.seed)
     probe = datasets.build_dataset(args.dataset, "test", transform=lambda im: im, root=args.data_root)
     recipe = training.RECIPES[args.recipe]
+    stochastic_depth = {"drop_path_rate": recipe["drop_path"]} if "drop_path" in recipe else {}
     if args.init:
         loaded = models.load_model(checkpoint=args.init)
         model, name = loaded.model, loaded.name
         model_kwargs = dict(models.read_checkpoint(args.init).get("model_kwargs", {}))
-        if "drop_path" in recipe:  # a backbone trained on (a second schedule) with the recipe's stochastic depth
-            model = models.create(name, num_classes=loaded.model.num_classes, **model_kwargs,
-                                  drop_path_rate=recipe["drop_path"])
+        if stochastic_depth:  # a backbone trained on (a second schedule) with the recipe's stochastic depth
+            model = models.create(name, num_classes=loaded.model.num_classes, **model_kwargs, **stochastic_depth)
             model.load_state_dict(loaded.model.state_dict())
     else:
         name = args.model
         model_kwargs = method.training_model_kwargs(options) if method else {}
-        model = models.create(name, num_classes=probe.num_classes, **model_kwargs,
-                              **({"drop_path_rate": recipe["drop_path"]} if "drop_path" in recipe else {}))
+        model = models.create(name, num_classes=probe.num_classes, **model_kwargs, **stochastic_depth)
         if method:
             method.prepare_training_model(model, options, lambda path: models.load_model(checkpoint=path).model)
     knobs = method_knobs(method, args) if method else {}
