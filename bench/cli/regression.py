@@ -153,7 +153,7 @@ def run(args):
     folder = reg.regression_folder()
     ok = True
     # Speed first, in a fresh process as `--part speed` alone (and its baseline) sees it: besides the pinned
-    # allocator (speed_gate.pin_allocator), nothing the exact part's 234 builds leave behind can reach the timings.
+    # allocator (metrics.pin_allocator), nothing the exact part's 234 builds leave behind can reach the timings.
     if args.part in ("all", "speed"):
         ok &= speed_part(methods, args.baseline or folder / reg.BASELINE_NAME, args.update, setup, args.tolerance)
     if args.part in ("all", "exact"):

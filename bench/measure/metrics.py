@@ -8,6 +8,7 @@ repeat lasts long enough to time), CUDA synchronised around each repeat, median 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import statistics
 import time
 from dataclasses import dataclass, field, fields
@@ -134,6 +135,23 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def pin_allocator() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds (64 MiB, 256 MiB) for the rest of this process (every
+    timing does it first: `interleaved_seconds`).
+
+    By default glibc raises its mmap threshold as big blocks are freed, so a forward's time depends on what
+    the process allocated before: LTMP's speedup ranged 0.46-0.63x over fresh processes, ToMe's 1.98-2.44x,
+    and every speedup fell 5-17 % after the exact part's builds. Pinned, LTMP gave 0.60-0.63x and ToMe
+    2.11-2.18x. False where the C library is not glibc (nothing changed).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def interleaved_seconds(models: list, inputs: torch.Tensor, dtype: str = "fp32", repeats: int = 7,
                         warmup_rounds: int = 3, warmup_s: float = 0.5, min_repeat_s: float = 0.1,
                         stop: "StoppingRule | None" = None):
@@ -143,8 +161,10 @@ def interleaved_seconds(models: list, inputs: torch.Tensor, dtype: str = "fp32",
     also size each model's repeat (K forwards lasting about `min_repeat_s`). Every timed repeat then runs
     each model's K forwards, in an order that rotates from repeat to repeat (AB, BA, ... for two) so that
     a drift in machine speed cancels out of their ratios; CUDA is synchronised around each. With a `stop`
-    rule, repeats end early once every model's timings are tight enough (at most `repeats` run).
+    rule, repeats end early once every model's timings are tight enough (at most `repeats` run). The
+    allocator is pinned first (`pin_allocator`): a timing must not depend on what the process allocated before.
     """
+    pin_allocator()
     device = inputs.device
     n = len(models)
     spent = np.zeros(n)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import statistics
 import time
@@ -13,6 +12,7 @@ import torch.nn as nn
 
 from tokenbench.errors import BenchError
 from tokenbench.measure import metrics as measure
+from tokenbench.measure.metrics import pin_allocator
 from tokenbench.measure.results import cpu_name
 from tokenbench.models import loading as models
 from tokenbench.reduce.knobs import knob_label
@@ -99,22 +99,6 @@ def timed_models(cls: type[Method], setup: SpeedSetup):
     except BenchError as err:
         return f"does not apply to {setup.model}: {err}"
     return dense, model, random_images(dense, setup.batch), knobs
-
-
-def pin_allocator() -> bool:
-    """Fix glibc malloc's mmap and trim thresholds (64 MiB, 256 MiB) for the rest of this process.
-
-    By default glibc raises its mmap threshold as big blocks are freed, so a forward's time depends on what
-    the process allocated before: LTMP's speedup ranged 0.46-0.63x over fresh processes, ToMe's 1.98-2.44x,
-    and every speedup fell 5-17 % after the exact part's builds. Pinned, LTMP gave 0.60-0.63x and ToMe
-    2.11-2.18x. False where the C library is not glibc (nothing changed).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
 def measure_speeds(methods: dict[str, type[Method]], setup: SpeedSetup, pairs: int | None = None,

@@ -1,4 +1,4 @@
-"""The timing loop's stopping rule: few repeats when timings agree, the maximum when they do not."""
+"""The timing loop: its stopping rule (few repeats when timings agree, the maximum when they do not) and its allocator."""
 
 import numpy as np
 import torch
@@ -26,3 +26,16 @@ def test_the_loop_stops_early_on_steady_timings_and_records_how_many_ran():
     times, _ = interleaved_seconds([Steady()], torch.ones(4), repeats=6, warmup_rounds=1, warmup_s=0.0,
                                    min_repeat_s=0.002, stop=StoppingRule(min_repeats=5, rel_iqr=0.0))
     assert len(times) == 6  # nothing is that tight: the maximum
+
+
+def test_every_timing_pins_the_allocator_first(monkeypatch):
+    """glibc's moving mmap threshold made a forward's time depend on what the process allocated before (every
+    speedup 5-17 % lower after the regression gate's builds): the one timing loop pins it, so `bench` and
+    `speed` are timed as the gate is."""
+    from tokenbench.measure import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "pin_allocator", lambda: calls.append(len(calls)) or True)
+    metrics.interleaved_seconds([torch.nn.Identity()], torch.ones(2), repeats=1, warmup_rounds=1, warmup_s=0.0,
+                                min_repeat_s=0.0)
+    assert calls == [0]
