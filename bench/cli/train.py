@@ -189,7 +189,7 @@ def run(args):
                         *([f"--threads {args.threads}"] if args.threads else []), f"--out {args.out}"])
     meta = {
         "command": command,
-        "dataset": args.dataset, "test_top1": test_top1, "val_top1": history[-1].get("val_top1"),
+        "dataset": args.dataset, "test_top1": test_top1, "val_top1": training.final_val_top1(history),
         "epochs": args.epochs, "seed": args.seed, "threads": torch.get_num_threads(), "recipe": args.recipe,
         "torch": str(torch.__version__), "history": history,
     }

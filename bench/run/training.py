@@ -220,8 +220,20 @@ def train(model: nn.Module, train_set, cfg: TrainConfig, loss_fn=None, val_loade
         if state_file is not None:
             save_state(state_file, model, optimizer, step, history, order, identity, ema, cfg.compact_state)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-    if ema is not None and history and history[-1].get("ema_val_top1", 0) > history[-1].get("val_top1", 0):
+    if ema is not None and ends_with_ema(history):
         model.load_state_dict(ema.module.state_dict())
         log("the EMA weights score higher on the held-out split: the model ends with them")
     model.eval()
     return history
+
+
+def ends_with_ema(history: list[dict]) -> bool:
+    """Whether `train` ends with the EMA's weights: they scored higher on the held-out split in the last epoch."""
+    return bool(history) and history[-1].get("ema_val_top1", 0) > history[-1].get("val_top1", 0)
+
+
+def final_val_top1(history: list[dict]) -> float | None:
+    """The held-out top-1 of the weights `train` ends with (the EMA's where it chose them), None without val."""
+    if not history:
+        return None
+    return history[-1].get("ema_val_top1" if ends_with_ema(history) else "val_top1")

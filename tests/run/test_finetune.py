@@ -71,9 +71,11 @@ def test_the_strong_recipe_trains_a_backbone_on_from_its_checkpoint(tmp_path, mo
     torch.manual_seed(0)
     models.save_checkpoint(start, timm.create_model("vit_digits", depth=2).eval(), "vit_digits", {}, {"depth": 2})
     seen = []
-    monkeypatch.setattr(training, "train", lambda model, train_set, cfg, **k: seen.append((model, cfg)) or [{}])
+    ended = {"epoch": 1, "val_top1": 0.5, "ema_val_top1": 0.75}  # the EMA scored higher: the model ends with it
+    monkeypatch.setattr(training, "train", lambda model, train_set, cfg, **k: seen.append((model, cfg)) or [ended])
     assert main(["train", "--init", str(start), "--recipe", "strong", "--epochs", "1", "--out",
                  str(tmp_path / "on.pt")]) == 0
+    assert models.read_checkpoint(tmp_path / "on.pt")["meta"]["val_top1"] == 0.75  # the weights it ships
     model, cfg = seen[0]
     assert isinstance(model.blocks[1].drop_path1, DropPath) and cfg.ema_decay == training.RECIPES["strong"]["ema_decay"]
     initial = models.read_checkpoint(start)["state_dict"]
