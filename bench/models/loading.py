@@ -28,7 +28,8 @@ from tokenbench.models import video
 from tokenbench.reduce.registry import get_method
 
 EMBEDDED_WEIGHTS = {"vit_digits": "vit_digits.pt", "vit_cifar10": "vit_cifar10.pt",
-                    "vit_cifar10_v2": "vit_cifar10_v2.pt", "vit_video_digits": "vit_video_digits.pt"}
+                    "vit_cifar10_v2": "vit_cifar10_v2.pt", "vit_cifar10_v3": "vit_cifar10_v3.pt",
+                    "vit_video_digits": "vit_video_digits.pt"}
 
 
 DIGITS_PREPROCESSING = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
@@ -46,7 +47,7 @@ default_cfgs = generate_default_cfgs({
     **{f"{name}.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
         crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="patch_embed.proj",
-        classifier="head", license="apache-2.0") for name in ("vit_cifar10", "vit_cifar10_v2")},
+        classifier="head", license="apache-2.0") for name in ("vit_cifar10", "vit_cifar10_v2", "vit_cifar10_v3")},
 })
 
 
@@ -70,6 +71,14 @@ def vit_cifar10_v2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     width (dim 192, 3 heads of 64) with MLP ratio 2 at native 32x32, 4x4 patches, 65 tokens."""
     args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
     return build_model_with_cfg(VisionTransformer, "vit_cifar10_v2", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_cifar10_v3(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The third CIFAR reference: v2's architecture trained on from v2's weights by a second schedule (v2's
+    weights stay as `vit_cifar10_v2`)."""
+    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
+    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v3", pretrained, **dict(args, **kwargs))
 
 
 @dataclass
@@ -249,3 +258,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, name: str, meta: dict, m
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save({"model": name, "model_kwargs": model_kwargs or {}, "state_dict": state, "meta": meta}, path)
 
+
+def rename_checkpoint(path: str | Path, name: str, out: str | Path) -> None:
+    """Write the checkpoint at `path` to `out` as model `name`, an architecture of the same shapes.
+
+    A backbone trained on with `tokenbench train --init` keeps its initial model's name; shipping it as a new
+    model (v2's weights trained on ship as `vit_cifar10_v3`) needs the name changed. The weights must fit `name`
+    exactly; the meta records the name it was trained as."""
+    loaded, kwargs = load_model(checkpoint=path), read_checkpoint(path).get("model_kwargs", {})
+    model = create(name, num_classes=loaded.model.num_classes, **kwargs)
+    try:
+        model.load_state_dict(loaded.model.state_dict())
+    except RuntimeError as err:
+        raise BenchError(f"checkpoint {path} does not fit {name}: {str(err).splitlines()[0]}") from None
+    save_checkpoint(out, model, name, dict(loaded.meta, trained_as=loaded.name), kwargs)

@@ -35,13 +35,32 @@ def test_digits_splits_are_disjoint_stratified_and_fixed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_cifar10", "vit_cifar10_v2"])
+@pytest.mark.parametrize("name", ["vit_cifar10", "vit_cifar10_v2", "vit_cifar10_v3"])
 def test_cifar10_reference_weights_reach_their_recorded_test_accuracy(name):
     root = shared_data("cifar10")
     loaded = load_model(name)
-    assert loaded.meta["command"].startswith(f"tokenbench train --model {name} --dataset cifar10")
+    trained_on = loaded.meta.get("trained_as")  # v3 is v2 trained on by a second schedule
+    start = f"--init bench/models/assets/{trained_on}.pt" if trained_on else f"--model {name}"
+    assert loaded.meta["command"].startswith(f"tokenbench train {start} --dataset cifar10"), loaded.meta["command"]
     test = datasets.build_dataset("cifar10", "test", datasets.eval_transform(loaded.model), str(root))
     images, labels = preload(test.dataset)
     result = evaluate(loaded.model, batches(images, labels, 500), torch.device("cpu"))
     assert result.n_images == 10_000
     assert result.top1 == pytest.approx(loaded.meta["test_top1"], abs=2e-4)
+
+
+def test_a_trained_on_checkpoint_ships_under_a_new_name_with_the_same_weights(tmp_path):
+    """`rename_checkpoint` re-labels weights for an architecture of the same shapes (v2 trained on ships as
+    v3) and refuses one whose shapes differ."""
+    from tokenbench.errors import BenchError
+    from tokenbench.models.loading import asset, rename_checkpoint
+
+    out = tmp_path / "v3.pt"
+    rename_checkpoint(asset("vit_cifar10_v2.pt"), "vit_cifar10_v3", out)
+    old, new = load_model(checkpoint=asset("vit_cifar10_v2.pt")), load_model(checkpoint=out)
+    assert new.name == "vit_cifar10_v3" and new.meta["trained_as"] == "vit_cifar10_v2"
+    assert new.meta["test_top1"] == old.meta["test_top1"]
+    before, after = old.model.state_dict(), new.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(BenchError, match="does not fit vit_cifar10"):
+        rename_checkpoint(asset("vit_cifar10_v2.pt"), "vit_cifar10", tmp_path / "v1.pt")
