@@ -318,7 +318,7 @@ default_cfgs = generate_default_cfgs({
     **{f"{name}.tokenbench": dict(
         input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
         crop_mode="center", interpolation="bilinear", num_classes=10, first_conv="stages.0.vit.patch_embed.proj",
-        classifier="head", license="apache-2.0") for name in ("dvt_cifar10", "dvt_cifar10_v2")},
+        classifier="head", license="apache-2.0") for name in ("dvt_cifar10", "dvt_cifar10_v2", "dvt_cifar10_v3")},
     "dvt_deit_small.untrained": dict(
         input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
         num_classes=1000, first_conv="stages.0.vit.patch_embed.proj", classifier="head", license="apache-2.0"),
@@ -355,13 +355,23 @@ def dvt_cifar10(pretrained=False, feature_reuse=True, relation_reuse=True, **kwa
     return build_cascade(grids, feature_reuse, relation_reuse, 32, 16, "dvt_cifar10", **dict(args, **kwargs))
 
 
-@register_model
-def dvt_cifar10_v2(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
-    """vit_cifar10_v2's width and depth (12 blocks, dim 192, 3 heads, MLP ratio 2) on 4x4, 6x6, 8x8 tokens; the
-    feature-reuse MLP scaled from DeiT-S's 384 -> 128 -> 48 to 192 -> 64 -> 24."""
+def wide_cifar10_cascade(name, pretrained, feature_reuse, relation_reuse, **kwargs) -> DVTCascade:
+    """The cascade of vit_cifar10_v2's (and v3's) width and depth (12 blocks, dim 192, 3 heads, MLP ratio 2) on
+    4x4, 6x6, 8x8 tokens; the feature-reuse MLP scaled from DeiT-S's 384 -> 128 -> 48 to 192 -> 64 -> 24."""
     if pretrained:
-        raise BenchError("dvt_cifar10_v2 weights ship as methods/dvt/weights/dvt_cifar10_v2.pt; load them with "
-                         "--checkpoint")
+        raise BenchError(f"{name} weights ship as methods/dvt/weights/{name}.pt; load them with --checkpoint")
     grids = [{"patch": 8}, {"patch": 6, "padding": 2}, {"patch": 4}]
     args = dict(img_size=32, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
-    return build_cascade(grids, feature_reuse, relation_reuse, 64, 24, "dvt_cifar10_v2", **dict(args, **kwargs))
+    return build_cascade(grids, feature_reuse, relation_reuse, 64, 24, name, **dict(args, **kwargs))
+
+
+@register_model
+def dvt_cifar10_v2(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """DVT on vit_cifar10_v2 (`wide_cifar10_cascade`)."""
+    return wide_cifar10_cascade("dvt_cifar10_v2", pretrained, feature_reuse, relation_reuse, **kwargs)
+
+
+@register_model
+def dvt_cifar10_v3(pretrained=False, feature_reuse=True, relation_reuse=True, **kwargs) -> DVTCascade:
+    """DVT on vit_cifar10_v3, v2's architecture trained on (`wide_cifar10_cascade`)."""
+    return wide_cifar10_cascade("dvt_cifar10_v3", pretrained, feature_reuse, relation_reuse, **kwargs)

@@ -204,7 +204,7 @@ def test_training_lowers_the_loss_and_checkpoints_reload_exactly(tmp_path, image
         assert torch.equal(loaded(images), model(images))
 
 
-@pytest.mark.parametrize("backbone_name", ["vit_cifar10", "vit_cifar10_v2"])
+@pytest.mark.parametrize("backbone_name", ["vit_cifar10", "vit_cifar10_v2", "vit_cifar10_v3"])
 def test_stages_start_from_a_backbone_and_the_matching_grid_reproduces_it(images, backbone_name):
     """--backbone: every stage takes the ViT's weights (patch and position embeddings resampled); the stage on
     the backbone's own grid, without reuse, is the backbone exactly (both backbones' shipped weights)."""
