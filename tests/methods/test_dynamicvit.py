@@ -76,3 +76,13 @@ def test_a_sweep_of_dynamicvit_alone_runs_on_the_checkpoint_given(tmp_path):
                  "--split", "val", "--out", str(tmp_path / "out")]) == 0
     rows = {r.method: r for r in read_results(tmp_path / "out" / "results.jsonl")}
     assert rows["dynamicvit"].weights.startswith("file:my_dynamicvit.pt@") and rows["none"].baseline
+
+
+@pytest.mark.parametrize("path", sorted(get_method("dynamicvit").weights_file("").glob("dynamicvit_*.pt")),
+                         ids=lambda p: p.name)
+def test_shipped_predictors_were_trained_on_the_backbone_their_file_names(path):
+    """`checkpoint_for` finds them by file name: the weights must be that backbone's, trained from its weights."""
+    loaded = models.load_model(checkpoint=path)
+    backbone = "vit_" + path.stem.removeprefix("dynamicvit_")
+    assert loaded.name == backbone and loaded.meta["trained_with"] == "dynamicvit"
+    assert loaded.meta["init"].endswith(f"/{backbone}.pt") and loaded.meta["dataset"] == backbone.split("_")[1]
