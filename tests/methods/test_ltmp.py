@@ -176,7 +176,8 @@ def test_training_moves_only_this_target_s_thresholds_toward_its_ratio(tiny_vit,
 
 
 @pytest.mark.parametrize("backbone, dataset", [("vit_digits", "digits"), ("vit_cifar10", "cifar10"),
-                                               ("vit_cifar10_v2", "cifar10")])
+                                               ("vit_cifar10_v2", "cifar10"),
+                                               ("vit_cifar10_v3", "cifar10")])
 def test_the_shipped_thresholds_cover_every_target_and_reduce_in_order(backbone, dataset):
     """Every target of the sweep trained; a lower target spends fewer GMACs (on a fixed batch)."""
     method = get_method("ltmp")
