@@ -65,20 +65,22 @@ def vit_cifar10(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(VisionTransformer, "vit_cifar10", pretrained, **dict(args, **kwargs))
 
 
+WIDE_CIFAR10 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
+"""vit_cifar10_v2's and v3's architecture: DeiT-Tiny's width (dim 192, 3 heads of 64), MLP ratio 2, 12 blocks."""
+
+
 @register_model
 def vit_cifar10_v2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The second CIFAR reference (stronger; v1's weights stay as `vit_cifar10`): 12 blocks of DeiT-Tiny's
     width (dim 192, 3 heads of 64) with MLP ratio 2 at native 32x32, 4x4 patches, 65 tokens."""
-    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
-    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v2", pretrained, **dict(args, **kwargs))
+    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v2", pretrained, **dict(WIDE_CIFAR10, **kwargs))
 
 
 @register_model
 def vit_cifar10_v3(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The third CIFAR reference: v2's architecture trained on from v2's weights by a second schedule (v2's
     weights stay as `vit_cifar10_v2`)."""
-    args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=2.0, num_classes=10)
-    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v3", pretrained, **dict(args, **kwargs))
+    return build_model_with_cfg(VisionTransformer, "vit_cifar10_v3", pretrained, **dict(WIDE_CIFAR10, **kwargs))
 
 
 @dataclass
